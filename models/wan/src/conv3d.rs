@@ -1,0 +1,1 @@
+//! Causal 3-D convolution.
