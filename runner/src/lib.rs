@@ -1,0 +1,21 @@
+//! kubewan's pod runner: checkpoints, memory probe, reports, MP4 I/O, the
+//! pipeline stages and local mode. The binary `kubewan-runner` is a thin CLI
+//! over these modules.
+
+pub mod ckpts;
+pub mod fsutil;
+pub mod local;
+pub mod memplot;
+pub mod preview;
+pub mod probe;
+pub mod progress;
+pub mod report;
+pub mod stages;
+pub mod task;
+pub mod tiny;
+pub mod video;
+pub mod video_cli;
+pub mod vlm_cli;
+
+/// Exit code of a run that failed (bad input, failed stage).
+pub const EXIT_FAILURE: i32 = 1;

@@ -1,0 +1,576 @@
+//! The memory probe: per-phase start/end/peak RSS (the kernel's high-water mark,
+//! reset at each phase start, plus a sampling thread), memory available to the
+//! process (system and cgroup limit), optional VRAM, and seconds. It also
+//! measures whether a dropped model gave its memory back ([`Probe::release`])
+//! and refuses to load a model that cannot fit ([`ensure_fits`]).
+//!
+//! VRAM comes from a [`VramSource`]; the CPU build has none and leaves the VRAM
+//! fields empty, a CUDA build installs one with [`Probe::set_vram_source`].
+
+use std::fs;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use anyhow::{Result, bail};
+use kubewan_crds::report::{MemorySample, PhaseReport, ReleaseReport};
+use kubewan_crds::status::human_bytes;
+
+/// The phase names the pipeline uses.
+pub mod phases {
+    pub const VLM_LOAD: &str = "vlm_load";
+    pub const VLM_GENERATE: &str = "vlm_generate";
+    pub const VLM_RELEASE: &str = "vlm_release";
+    pub const VIDEO_LOAD: &str = "video_load";
+    pub const TEXT_ENCODE: &str = "text_encode";
+    pub const DENOISE: &str = "denoise";
+    pub const VAE_DECODE: &str = "vae_decode";
+    pub const ENCODE: &str = "encode";
+    pub const STITCH: &str = "stitch";
+}
+
+/// Below this share of the loaded memory coming back, a release is reported with a warning.
+pub const RELEASE_WARN_RATIO: f64 = 0.95;
+
+/// Device memory readings; a CUDA build implements it (cudarc `mem_get_info`,
+/// the default memory pool's used-memory high mark).
+pub trait VramSource: Send + Sync {
+    /// Device memory in use, bytes.
+    fn used_bytes(&self) -> Option<u64>;
+    /// Peak device memory since the last [`VramSource::reset_peak`], when the device tracks it.
+    fn peak_bytes(&self) -> Option<u64> {
+        None
+    }
+    fn reset_peak(&self) {}
+}
+
+/// Current resident set size of this process, bytes.
+pub fn rss_bytes() -> u64 {
+    let page = page_size();
+    fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .map(|pages| pages * page)
+        .unwrap_or(0)
+}
+
+fn page_size() -> u64 {
+    // SAFETY: sysconf has no preconditions.
+    let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    if size > 0 { size as u64 } else { 4096 }
+}
+
+fn status_field_kib(field: &str) -> Option<u64> {
+    let status = fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with(field))?;
+    line[field.len()..]
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse::<u64>()
+        .ok()
+        .map(|k| k * 1024)
+}
+
+/// The kernel's RSS high-water mark (VmHWM), bytes.
+pub fn hwm_bytes() -> u64 {
+    status_field_kib("VmHWM:").unwrap_or_else(rss_bytes)
+}
+
+/// Resets the kernel's RSS high-water mark to the current RSS. False when the
+/// kernel refuses (then the sampler alone gives the peak).
+pub fn reset_hwm() -> bool {
+    fs::write("/proc/self/clear_refs", "5").is_ok()
+}
+
+/// Gives freed heap back to the operating system (glibc keeps it otherwise).
+pub fn trim_heap() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only walks the allocator's own free lists.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+fn meminfo_available() -> Option<u64> {
+    let info = fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    line["MemAvailable:".len()..]
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse::<u64>()
+        .ok()
+        .map(|k| k * 1024)
+}
+
+fn read_u64(path: &str) -> Option<u64> {
+    fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
+/// The cgroup's memory limit and current usage, bytes (v2, then v1); None when unlimited.
+pub fn cgroup_memory() -> Option<(u64, u64)> {
+    // cgroup v2: this process's group from /proc/self/cgroup ("0::/path").
+    let own = fs::read_to_string("/proc/self/cgroup").ok().and_then(|s| {
+        s.lines()
+            .find_map(|l| l.strip_prefix("0::").map(|p| p.trim().to_owned()))
+    });
+    let mut candidates = Vec::new();
+    if let Some(path) = own {
+        candidates.push(format!("/sys/fs/cgroup{}", path.trim_end_matches('/')));
+    }
+    candidates.push("/sys/fs/cgroup".to_owned());
+    for dir in candidates {
+        if let Ok(max) = fs::read_to_string(format!("{dir}/memory.max")) {
+            let max = max.trim();
+            if max == "max" {
+                return None;
+            }
+            let limit: u64 = max.parse().ok()?;
+            let usage = read_u64(&format!("{dir}/memory.current")).unwrap_or(0);
+            return Some((limit, usage));
+        }
+    }
+    // cgroup v1.
+    let limit = read_u64("/sys/fs/cgroup/memory/memory.limit_in_bytes")?;
+    if limit >= (1u64 << 60) {
+        return None;
+    }
+    let usage = read_u64("/sys/fs/cgroup/memory/memory.usage_in_bytes").unwrap_or(0);
+    Some((limit, usage))
+}
+
+/// Memory this process can still get: the system's MemAvailable, or what is
+/// left under the cgroup limit when that is smaller.
+pub fn available_bytes() -> Option<u64> {
+    let system = meminfo_available();
+    let cgroup = cgroup_memory().map(|(limit, usage)| limit.saturating_sub(usage));
+    match (system, cgroup) {
+        (Some(s), Some(c)) => Some(s.min(c)),
+        (s, c) => s.or(c),
+    }
+}
+
+/// Refuses to load `what` (needing about `needed` bytes) when less memory is
+/// available, instead of being OOM-killed halfway.
+pub fn ensure_fits(what: &str, needed: u64, available: Option<u64>) -> Result<()> {
+    let Some(available) = available else {
+        return Ok(());
+    };
+    if needed > available {
+        let limit = cgroup_memory()
+            .map(|(l, _)| format!(" (cgroup limit {})", human_bytes(l)))
+            .unwrap_or_default();
+        bail!(
+            "refusing to load {what}: its weights are {} on disk but only {} of memory is available{limit}; \
+             give the pod more memory (spec.runner.memoryLimit) or use a smaller model",
+            human_bytes(needed),
+            human_bytes(available)
+        );
+    }
+    Ok(())
+}
+
+/// One point of the memory timeline.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct TimelinePoint {
+    pub seconds: f64,
+    pub rss_bytes: u64,
+    pub vram_bytes: Option<u64>,
+}
+
+/// A named phase on the timeline.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PhaseSpan {
+    pub name: String,
+    pub start: f64,
+    pub end: f64,
+}
+
+/// What a finished probe recorded.
+#[derive(Clone, Debug, Default)]
+pub struct ProbeRecord {
+    pub seconds: f64,
+    pub phases: Vec<PhaseReport>,
+    pub spans: Vec<PhaseSpan>,
+    pub timeline: Vec<TimelinePoint>,
+    pub peak_rss_bytes: u64,
+    pub peak_vram_bytes: Option<u64>,
+    pub warnings: Vec<String>,
+}
+
+struct OpenPhase {
+    name: String,
+    start: MemorySample,
+    started: Instant,
+}
+
+struct Shared {
+    t0: Instant,
+    stop: AtomicBool,
+    phase_peak_rss: AtomicU64,
+    phase_peak_vram: AtomicU64,
+    timeline: Mutex<Vec<TimelinePoint>>,
+    vram: Mutex<Option<Arc<dyn VramSource>>>,
+}
+
+impl Shared {
+    fn vram_used(&self) -> Option<u64> {
+        let source = self.vram.lock().ok()?.clone()?;
+        source.used_bytes()
+    }
+
+    fn sample_point(&self) {
+        let rss = rss_bytes();
+        let vram = self.vram_used();
+        self.phase_peak_rss.fetch_max(rss, Ordering::Relaxed);
+        if let Some(v) = vram {
+            self.phase_peak_vram.fetch_max(v, Ordering::Relaxed);
+        }
+        if let Ok(mut t) = self.timeline.lock() {
+            t.push(TimelinePoint {
+                seconds: self.t0.elapsed().as_secs_f64(),
+                rss_bytes: rss,
+                vram_bytes: vram,
+            });
+        }
+    }
+}
+
+/// Records phases of one run. Start it at the beginning of a stage, wrap each
+/// phase in [`Probe::begin`]/[`Probe::end`], and [`Probe::finish`] it.
+pub struct Probe {
+    shared: Arc<Shared>,
+    sampler: Option<JoinHandle<()>>,
+    open: Option<OpenPhase>,
+    phases: Vec<PhaseReport>,
+    spans: Vec<PhaseSpan>,
+    hwm_resettable: bool,
+    warnings: Vec<String>,
+}
+
+impl Probe {
+    /// Starts a probe whose sampler reads RSS every `interval`.
+    pub fn start(interval: Duration) -> Probe {
+        let shared = Arc::new(Shared {
+            t0: Instant::now(),
+            stop: AtomicBool::new(false),
+            phase_peak_rss: AtomicU64::new(0),
+            phase_peak_vram: AtomicU64::new(0),
+            timeline: Mutex::new(Vec::new()),
+            vram: Mutex::new(None),
+        });
+        shared.sample_point();
+        let thread_shared = shared.clone();
+        let sampler = std::thread::Builder::new()
+            .name("kubewan-memprobe".into())
+            .spawn(move || {
+                while !thread_shared.stop.load(Ordering::Relaxed) {
+                    std::thread::sleep(interval);
+                    thread_shared.sample_point();
+                }
+            })
+            .ok();
+        let hwm_resettable = reset_hwm();
+        let mut warnings = Vec::new();
+        if !hwm_resettable {
+            warnings.push(
+                "the kernel refused to reset the RSS high-water mark; phase peaks are sampled"
+                    .into(),
+            );
+        }
+        Probe {
+            shared,
+            sampler,
+            open: None,
+            phases: Vec::new(),
+            spans: Vec::new(),
+            hwm_resettable,
+            warnings,
+        }
+    }
+
+    /// A probe sampling every 50 ms.
+    pub fn new() -> Probe {
+        Probe::start(Duration::from_millis(50))
+    }
+
+    pub fn set_vram_source(&mut self, source: Arc<dyn VramSource>) {
+        if let Ok(mut v) = self.shared.vram.lock() {
+            *v = Some(source);
+        }
+    }
+
+    /// Seconds since the probe started.
+    pub fn elapsed(&self) -> f64 {
+        self.shared.t0.elapsed().as_secs_f64()
+    }
+
+    /// A reading now.
+    pub fn sample(&self) -> MemorySample {
+        MemorySample {
+            rss_bytes: rss_bytes(),
+            available_bytes: available_bytes(),
+            vram_used_bytes: self.shared.vram_used(),
+        }
+    }
+
+    /// Starts phase `name` (ending any open phase first).
+    pub fn begin(&mut self, name: &str) {
+        self.end();
+        if self.hwm_resettable {
+            reset_hwm();
+        }
+        if let Ok(Some(v)) = self.shared.vram.lock().map(|v| v.clone()) {
+            v.reset_peak();
+        }
+        let start = self.sample();
+        self.shared
+            .phase_peak_rss
+            .store(start.rss_bytes, Ordering::Relaxed);
+        self.shared
+            .phase_peak_vram
+            .store(start.vram_used_bytes.unwrap_or(0), Ordering::Relaxed);
+        self.shared.sample_point();
+        self.open = Some(OpenPhase {
+            name: name.to_owned(),
+            start,
+            started: Instant::now(),
+        });
+    }
+
+    /// Ends the open phase, if any, and returns its report.
+    pub fn end(&mut self) -> Option<PhaseReport> {
+        let open = self.open.take()?;
+        self.shared.sample_point();
+        let end = self.sample();
+        let sampled = self.shared.phase_peak_rss.load(Ordering::Relaxed);
+        let hwm = if self.hwm_resettable { hwm_bytes() } else { 0 };
+        let peak_rss = sampled
+            .max(hwm)
+            .max(end.rss_bytes)
+            .max(open.start.rss_bytes);
+        let vram_source = self.shared.vram.lock().ok().and_then(|v| v.clone());
+        let peak_vram = vram_source.map(|source| {
+            let sampled = self.shared.phase_peak_vram.load(Ordering::Relaxed);
+            source
+                .peak_bytes()
+                .unwrap_or(0)
+                .max(sampled)
+                .max(end.vram_used_bytes.unwrap_or(0))
+        });
+        let t_end = self.elapsed();
+        let seconds = open.started.elapsed().as_secs_f64();
+        self.spans.push(PhaseSpan {
+            name: open.name.clone(),
+            start: t_end - seconds,
+            end: t_end,
+        });
+        let report = PhaseReport {
+            name: open.name,
+            seconds,
+            start: open.start,
+            end,
+            peak_rss_bytes: peak_rss,
+            peak_vram_bytes: peak_vram,
+        };
+        self.phases.push(report.clone());
+        Some(report)
+    }
+
+    /// Runs `f` as phase `name`.
+    pub fn phase<T>(&mut self, name: &str, f: impl FnOnce() -> T) -> T {
+        self.begin(name);
+        let out = f();
+        self.end();
+        out
+    }
+
+    /// Drops `value` (a loaded model) as phase `phase`, returns the heap to the
+    /// OS, and reports how much of what loading added (`loaded` minus
+    /// `baseline`, both taken with [`Probe::sample`]) came back.
+    pub fn release<T>(
+        &mut self,
+        phase: &str,
+        what: &str,
+        value: T,
+        baseline: &MemorySample,
+        loaded: &MemorySample,
+    ) -> ReleaseReport {
+        self.begin(phase);
+        drop(value);
+        trim_heap();
+        let after = self.sample();
+        self.end();
+        let report = release_report(what, baseline, loaded, &after);
+        if let Some(w) = &report.warning {
+            self.warnings.push(w.clone());
+        }
+        report
+    }
+
+    /// Stops the sampler and returns everything recorded.
+    pub fn finish(mut self) -> ProbeRecord {
+        self.end();
+        self.shared.sample_point();
+        self.shared.stop.store(true, Ordering::Relaxed);
+        if let Some(handle) = self.sampler.take() {
+            let _ = handle.join();
+        }
+        let timeline = self
+            .shared
+            .timeline
+            .lock()
+            .map(|t| t.clone())
+            .unwrap_or_default();
+        let peak_rss_bytes = self
+            .phases
+            .iter()
+            .map(|p| p.peak_rss_bytes)
+            .chain(timeline.iter().map(|p| p.rss_bytes))
+            .max()
+            .unwrap_or(0);
+        let peak_vram_bytes = self
+            .phases
+            .iter()
+            .filter_map(|p| p.peak_vram_bytes)
+            .chain(timeline.iter().filter_map(|p| p.vram_bytes))
+            .max();
+        ProbeRecord {
+            seconds: self.elapsed(),
+            phases: std::mem::take(&mut self.phases),
+            spans: std::mem::take(&mut self.spans),
+            timeline,
+            peak_rss_bytes,
+            peak_vram_bytes,
+            warnings: std::mem::take(&mut self.warnings),
+        }
+    }
+}
+
+impl Default for Probe {
+    fn default() -> Self {
+        Probe::new()
+    }
+}
+
+impl Drop for Probe {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// How much of what loading added came back after the release.
+pub fn release_report(
+    what: &str,
+    baseline: &MemorySample,
+    loaded: &MemorySample,
+    after: &MemorySample,
+) -> ReleaseReport {
+    let loaded_bytes = loaded.rss_bytes.saturating_sub(baseline.rss_bytes);
+    let freed_bytes = loaded
+        .rss_bytes
+        .saturating_sub(after.rss_bytes)
+        .min(loaded_bytes);
+    let freed_ratio = if loaded_bytes == 0 {
+        1.0
+    } else {
+        freed_bytes as f64 / loaded_bytes as f64
+    };
+    let vram_loaded_bytes = match (baseline.vram_used_bytes, loaded.vram_used_bytes) {
+        (Some(b), Some(l)) => Some(l.saturating_sub(b)),
+        _ => None,
+    };
+    let vram_freed_bytes = match (loaded.vram_used_bytes, after.vram_used_bytes) {
+        (Some(l), Some(a)) => Some(
+            l.saturating_sub(a)
+                .min(vram_loaded_bytes.unwrap_or(u64::MAX)),
+        ),
+        _ => None,
+    };
+    let mut problems = Vec::new();
+    if freed_ratio < RELEASE_WARN_RATIO {
+        problems.push(format!(
+            "RAM: only {} of {} came back ({:.0}%)",
+            human_bytes(freed_bytes),
+            human_bytes(loaded_bytes),
+            100.0 * freed_ratio
+        ));
+    }
+    if let (Some(l), Some(f)) = (vram_loaded_bytes, vram_freed_bytes)
+        && l > 0
+        && (f as f64) < RELEASE_WARN_RATIO * l as f64
+    {
+        problems.push(format!(
+            "VRAM: only {} of {} came back",
+            human_bytes(f),
+            human_bytes(l)
+        ));
+    }
+    ReleaseReport {
+        what: what.to_owned(),
+        loaded_bytes,
+        freed_bytes,
+        freed_ratio,
+        vram_loaded_bytes,
+        vram_freed_bytes,
+        warning: (!problems.is_empty())
+            .then(|| format!("{what} was not released: {}", problems.join("; "))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(rss: u64) -> MemorySample {
+        MemorySample {
+            rss_bytes: rss,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn release_report_warns_below_95_percent() {
+        let ok = release_report("vlm", &sample(100), &sample(1100), &sample(120));
+        assert_eq!(ok.loaded_bytes, 1000);
+        assert_eq!(ok.freed_bytes, 980);
+        assert!(ok.warning.is_none(), "{ok:?}");
+        let leak = release_report("vlm", &sample(100), &sample(1100), &sample(600));
+        assert!((leak.freed_ratio - 0.5).abs() < 1e-9);
+        assert!(leak.warning.unwrap().contains("50%"));
+    }
+
+    #[test]
+    fn refuses_a_model_larger_than_available_memory() {
+        let err = ensure_fits("big-model", 10 << 30, Some(1 << 30)).unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("refusing to load big-model"), "{text}");
+        assert!(
+            text.contains("10.0GiB") && text.contains("1.0GiB"),
+            "{text}"
+        );
+        ensure_fits("small", 1 << 20, Some(1 << 30)).unwrap();
+    }
+
+    #[test]
+    fn phases_record_peaks_above_their_start() {
+        let mut probe = Probe::start(Duration::from_millis(5));
+        probe.begin("alloc");
+        let block = vec![7u8; 64 << 20];
+        std::hint::black_box(&block);
+        drop(block);
+        trim_heap();
+        let report = probe.end().unwrap();
+        assert!(
+            report.peak_rss_bytes >= report.start.rss_bytes + (60 << 20),
+            "{report:?}"
+        );
+        let record = probe.finish();
+        assert_eq!(record.phases.len(), 1);
+        assert_eq!(record.spans[0].name, "alloc");
+        assert!(record.timeline.len() >= 2);
+        assert!(available_bytes().unwrap_or(0) > 0);
+    }
+}
