@@ -81,3 +81,28 @@ fn dit_forward_flf2v() {
 fn dit_forward_i2v() {
     dit_case("tiny-i2v");
 }
+
+fn vae_case(case: &str) {
+    let g = golden(case, "vae.safetensors");
+    let vae =
+        kubewan_wan::vae::WanVae::load(&data(case).join("model/vae"), DType::F32, &Device::Cpu)
+            .unwrap();
+    let mean = vae.encode(&g["video"]).unwrap();
+    check(
+        &format!("{case} vae encode (latent mean)"),
+        &mean,
+        &g["latent_mean"],
+    );
+    let dec = vae.decode(&g["z"]).unwrap();
+    check(&format!("{case} vae decode"), &dec, &g["decoded"]);
+}
+
+#[test]
+fn vae_encode_decode_flf2v() {
+    vae_case("tiny-flf2v");
+}
+
+#[test]
+fn vae_encode_decode_i2v() {
+    vae_case("tiny-i2v");
+}
