@@ -36,7 +36,7 @@ struct Args {
     #[arg(long, env = "KUBEWAN_LEASE_NAMESPACE")]
     lease_namespace: Option<String>,
 
-    #[arg(long, env = "KUBEWAN_LEASE_NAME", default_value = "kubewan-operator")]
+    #[arg(long, env = "KUBEWAN_LEASE_NAME", default_value = "kubewan-leader")]
     lease_name: String,
 
     #[arg(long, env = "KUBEWAN_LEASE_DURATION_SECONDS", default_value_t = 15)]

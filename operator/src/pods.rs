@@ -197,18 +197,11 @@ pub fn build_pod(
             .clone()
             .or_else(|| defaults.image_pull_policy.clone()),
         command: Some(vec!["kubewan-runner".into(), "run-task".into()]),
-        env: Some(vec![
-            EnvVar {
-                name: TASK_ENV.into(),
-                value: Some(task_json),
-                ..Default::default()
-            },
-            EnvVar {
-                name: "TMPDIR".into(),
-                value: Some("/tmp".into()),
-                ..Default::default()
-            },
-        ]),
+        env: Some(vec![EnvVar {
+            name: TASK_ENV.into(),
+            value: Some(task_json),
+            ..Default::default()
+        }]),
         volume_mounts: Some(vec![
             mount("checkpoints", CKPTS_MOUNT, true),
             mount("inputs", INPUTS_MOUNT, true),
