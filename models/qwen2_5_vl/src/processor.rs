@@ -1,0 +1,325 @@
+//! `preprocessor_config.json` and the image processor: smart-resize to
+//! multiples of `patch_size * merge_size` within [min_pixels, max_pixels],
+//! bicubic resize, rescale 1/255, normalise with mean/std and flatten into
+//! `(grid_h * grid_w, C * T * P * P)` patches in 2×2-merge-block order.
+//!
+//! The resize reproduces transformers' PIL backend (`Qwen2VLImageProcessorPil`,
+//! the one our golden script uses; the torchvision backend is not installed
+//! there): Pillow's `Image.resize(..., BICUBIC)` on 8-bit RGB, i.e. Pillow's
+//! two-pass separable resampler (horizontal then vertical) with a = -0.5 cubic
+//! taps widened by the downscale factor (antialias), 22-bit fixed-point
+//! coefficients and a rounding clip to u8 after each pass. It matches Pillow bit
+//! for bit. transformers' torchvision backend (its default when torchvision is
+//! installed) resizes in float and rounds once, so it can differ by 1/255 on some
+//! pixels.
+
+use std::path::Path;
+
+use serde_json::Value;
+
+use crate::Error;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct PreprocessorConfig {
+    pub min_pixels: usize,
+    pub max_pixels: usize,
+    pub patch_size: usize,
+    pub temporal_patch_size: usize,
+    pub merge_size: usize,
+    pub image_mean: [f32; 3],
+    pub image_std: [f32; 3],
+    pub rescale_factor: f64,
+}
+
+impl PreprocessorConfig {
+    pub fn from_file(path: &Path) -> Result<Self, Error> {
+        let v: Value = kubewan_model_common::read_json(path, "an image preprocessor config")?;
+        Self::from_value(path, &v)
+    }
+
+    pub fn from_value(path: &Path, v: &Value) -> Result<Self, Error> {
+        let num = |key: &str| v.get(key).and_then(|x| x.as_u64()).map(|x| x as usize);
+        let size = v.get("size");
+        let size_num = |key: &str| {
+            size.and_then(|s| s.get(key))
+                .and_then(|x| x.as_u64())
+                .map(|x| x as usize)
+        };
+        let min_pixels = num("min_pixels")
+            .or_else(|| size_num("shortest_edge"))
+            .or_else(|| size_num("min_pixels"))
+            .unwrap_or(56 * 56);
+        let max_pixels = num("max_pixels")
+            .or_else(|| size_num("longest_edge"))
+            .or_else(|| size_num("max_pixels"))
+            .unwrap_or(28 * 28 * 1280);
+        let triple = |key: &str, default: [f32; 3]| -> Result<[f32; 3], Error> {
+            match v.get(key) {
+                None | Some(Value::Null) => Ok(default),
+                Some(Value::Number(n)) => {
+                    let x = n.as_f64().unwrap_or(0.0) as f32;
+                    Ok([x, x, x])
+                }
+                Some(Value::Array(a)) if a.len() == 3 => {
+                    let mut out = [0f32; 3];
+                    for (o, x) in out.iter_mut().zip(a) {
+                        *o = x
+                            .as_f64()
+                            .ok_or_else(|| Error::config(path, format!("{key} is not numeric")))?
+                            as f32;
+                    }
+                    Ok(out)
+                }
+                Some(_) => Err(Error::config(
+                    path,
+                    format!("{key} must be a number or 3 numbers"),
+                )),
+            }
+        };
+        let cfg = Self {
+            min_pixels,
+            max_pixels,
+            patch_size: num("patch_size").unwrap_or(14),
+            temporal_patch_size: num("temporal_patch_size").unwrap_or(2),
+            merge_size: num("merge_size").unwrap_or(2),
+            image_mean: triple("image_mean", [0.481_454_66, 0.457_827_5, 0.408_210_73])?,
+            image_std: triple("image_std", [0.268_629_54, 0.261_302_6, 0.275_777_1])?,
+            rescale_factor: v
+                .get("rescale_factor")
+                .and_then(|x| x.as_f64())
+                .unwrap_or(1.0 / 255.0),
+        };
+        if cfg.patch_size == 0 || cfg.merge_size == 0 || cfg.temporal_patch_size == 0 {
+            return Err(Error::config(
+                path,
+                "patch_size, merge_size and temporal_patch_size must be > 0",
+            ));
+        }
+        if cfg.min_pixels > cfg.max_pixels {
+            return Err(Error::config(path, "min_pixels is larger than max_pixels"));
+        }
+        Ok(cfg)
+    }
+}
+
+/// transformers' `smart_resize` (Python `round` is round-half-to-even).
+pub fn smart_resize(
+    height: usize,
+    width: usize,
+    factor: usize,
+    min_pixels: usize,
+    max_pixels: usize,
+) -> Result<(usize, usize), Error> {
+    if height == 0 || width == 0 {
+        return Err(Error::Image(format!("empty image {width}x{height}")));
+    }
+    let (h, w, f) = (height as f64, width as f64, factor as f64);
+    if h.max(w) / h.min(w) > 200.0 {
+        return Err(Error::Image(format!(
+            "absolute aspect ratio must be smaller than 200, got {}",
+            h.max(w) / h.min(w)
+        )));
+    }
+    let mut h_bar = (h / f).round_ties_even() * f;
+    let mut w_bar = (w / f).round_ties_even() * f;
+    if h_bar * w_bar > max_pixels as f64 {
+        let beta = ((h * w) / max_pixels as f64).sqrt();
+        h_bar = f.max((h / beta / f).floor() * f);
+        w_bar = f.max((w / beta / f).floor() * f);
+    } else if h_bar * w_bar < min_pixels as f64 {
+        let beta = (min_pixels as f64 / (h * w)).sqrt();
+        h_bar = (h * beta / f).ceil() * f;
+        w_bar = (w * beta / f).ceil() * f;
+    }
+    Ok((h_bar as usize, w_bar as usize))
+}
+
+const PRECISION_BITS: u32 = 32 - 8 - 2;
+
+fn bicubic(x: f64) -> f64 {
+    let a = -0.5;
+    let x = x.abs();
+    if x < 1.0 {
+        ((a + 2.0) * x - (a + 3.0)) * x * x + 1.0
+    } else if x < 2.0 {
+        (((x - 5.0) * x + 8.0) * x - 4.0) * a
+    } else {
+        0.0
+    }
+}
+
+/// Pillow's `precompute_coeffs` + `normalize_coeffs_8bpc`: per output pixel, the first
+/// input index and its fixed-point taps.
+fn coeffs(in_size: usize, out_size: usize) -> (usize, Vec<(usize, Vec<i32>)>) {
+    let scale = in_size as f64 / out_size as f64;
+    let filterscale = scale.max(1.0);
+    let support = 2.0 * filterscale;
+    let ksize = support.ceil() as usize * 2 + 1;
+    let mut out = Vec::with_capacity(out_size);
+    for xx in 0..out_size {
+        let center = (xx as f64 + 0.5) * scale;
+        let ss = 1.0 / filterscale;
+        let xmin = ((center - support + 0.5) as i64).max(0) as usize;
+        let xmax =
+            (((center + support + 0.5) as i64).min(in_size as i64) as usize).saturating_sub(xmin);
+        let mut k: Vec<f64> = (0..xmax)
+            .map(|x| bicubic((x as f64 + xmin as f64 - center + 0.5) * ss))
+            .collect();
+        let ww: f64 = k.iter().sum();
+        if ww != 0.0 {
+            for v in &mut k {
+                *v /= ww;
+            }
+        }
+        let fixed = k
+            .iter()
+            .map(|&v| {
+                let s = v * (1u32 << PRECISION_BITS) as f64;
+                if v < 0.0 {
+                    (-0.5 + s) as i32
+                } else {
+                    (0.5 + s) as i32
+                }
+            })
+            .collect();
+        out.push((xmin, fixed));
+    }
+    (ksize, out)
+}
+
+fn clip8(v: i64) -> u8 {
+    if v >= (1i64 << PRECISION_BITS << 8) {
+        255
+    } else if v <= 0 {
+        0
+    } else {
+        (v >> PRECISION_BITS) as u8
+    }
+}
+
+/// Pillow-exact bicubic resize of packed RGB8 (`w*h*3`).
+pub fn resize_bicubic_pil(src: &[u8], w: usize, h: usize, ow: usize, oh: usize) -> Vec<u8> {
+    if (w, h) == (ow, oh) {
+        return src.to_vec();
+    }
+    // horizontal pass
+    let tmp = if ow != w {
+        let (_, cx) = coeffs(w, ow);
+        let mut tmp = vec![0u8; ow * h * 3];
+        for y in 0..h {
+            let row = &src[y * w * 3..(y + 1) * w * 3];
+            for (x, (xmin, k)) in cx.iter().enumerate() {
+                for c in 0..3 {
+                    let mut ss: i64 = 1 << (PRECISION_BITS - 1);
+                    for (i, &kv) in k.iter().enumerate() {
+                        ss += row[(xmin + i) * 3 + c] as i64 * kv as i64;
+                    }
+                    tmp[(y * ow + x) * 3 + c] = clip8(ss);
+                }
+            }
+        }
+        tmp
+    } else {
+        src.to_vec()
+    };
+    if oh == h {
+        return tmp;
+    }
+    let (_, cy) = coeffs(h, oh);
+    let mut out = vec![0u8; ow * oh * 3];
+    for (y, (ymin, k)) in cy.iter().enumerate() {
+        for x in 0..ow {
+            for c in 0..3 {
+                let mut ss: i64 = 1 << (PRECISION_BITS - 1);
+                for (i, &kv) in k.iter().enumerate() {
+                    ss += tmp[((ymin + i) * ow + x) * 3 + c] as i64 * kv as i64;
+                }
+                out[(y * ow + x) * 3 + c] = clip8(ss);
+            }
+        }
+    }
+    out
+}
+
+/// transformers' `convert_to_rgb`: RGB stays; anything with alpha is composited on white.
+pub fn to_rgb8(img: &image::DynamicImage) -> image::RgbImage {
+    if !img.color().has_alpha() {
+        return img.to_rgb8();
+    }
+    let rgba = img.to_rgba8();
+    let (w, h) = rgba.dimensions();
+    let mut out = image::RgbImage::new(w, h);
+    for (o, p) in out.pixels_mut().zip(rgba.pixels()) {
+        let a = p[3] as f32 / 255.0;
+        for c in 0..3 {
+            o[c] = (p[c] as f32 * a + 255.0 * (1.0 - a))
+                .round()
+                .clamp(0.0, 255.0) as u8;
+        }
+    }
+    out
+}
+
+/// One processed image: flattened patches and the (t, h, w) grid in patches.
+#[derive(Debug, Clone)]
+pub struct ProcessedImage {
+    pub patches: Vec<f32>,
+    pub grid: (usize, usize, usize),
+}
+
+impl ProcessedImage {
+    /// `<|image_pad|>` tokens this image takes in the prompt.
+    pub fn num_tokens(&self, merge_size: usize) -> usize {
+        self.grid.0 * self.grid.1 * self.grid.2 / (merge_size * merge_size)
+    }
+}
+
+pub fn process_image(
+    cfg: &PreprocessorConfig,
+    img: &image::DynamicImage,
+) -> Result<ProcessedImage, Error> {
+    let rgb = to_rgb8(img);
+    let (w, h) = (rgb.width() as usize, rgb.height() as usize);
+    let factor = cfg.patch_size * cfg.merge_size;
+    let (oh, ow) = smart_resize(h, w, factor, cfg.min_pixels, cfg.max_pixels)?;
+    let px = resize_bicubic_pil(rgb.as_raw(), w, h, ow, oh);
+    let p = cfg.patch_size;
+    let m = cfg.merge_size;
+    let t = cfg.temporal_patch_size;
+    let (gh, gw) = (oh / p, ow / p);
+    let norm: Vec<[f32; 256]> = (0..3)
+        .map(|c| {
+            let mut lut = [0f32; 256];
+            for (v, o) in lut.iter_mut().enumerate() {
+                let x = (v as f64 * cfg.rescale_factor) as f32;
+                *o = (x - cfg.image_mean[c]) / cfg.image_std[c];
+            }
+            lut
+        })
+        .collect();
+    let patch_len = 3 * t * p * p;
+    let mut patches = Vec::with_capacity(gh * gw * patch_len);
+    for bh in 0..gh / m {
+        for bw in 0..gw / m {
+            for mh in 0..m {
+                for mw in 0..m {
+                    let (py, pxx) = ((bh * m + mh) * p, (bw * m + mw) * p);
+                    for (c, lut) in norm.iter().enumerate() {
+                        for _ in 0..t {
+                            for y in 0..p {
+                                for x in 0..p {
+                                    let v = px[((py + y) * ow + pxx + x) * 3 + c];
+                                    patches.push(lut[v as usize]);
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    Ok(ProcessedImage {
+        patches,
+        grid: (1, gh, gw),
+    })
+}
