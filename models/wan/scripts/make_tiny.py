@@ -357,18 +357,29 @@ def build_and_record(out_dir, cfg, seed):
         s.set_timesteps(steps)
         sched[f"sigmas_{steps}_{shift}"] = s.sigmas.to(torch.float32).contiguous()
         sched[f"timesteps_{steps}_{shift}"] = s.timesteps.to(torch.int64).contiguous()
-    for steps, shift in ((6, 5.0), (3, 16.0)):
-        s = UniPCMultistepScheduler.from_config(pipe.scheduler.config, flow_shift=shift)
+    # step() chains with random model outputs: the released config (order 2, bh2) and variants
+    # that exercise the general-order solve, bh1, sigma_min and disable_corrector (lower_order_final=False
+    # is degenerate at the last step in diffusers itself: a singular solve or NaN).
+    chains = [
+        [6, 5.0, {}],
+        [3, 16.0, {}],
+        [8, 5.0, {"solver_order": 3}],
+        [5, 3.0, {"solver_type": "bh1", "final_sigmas_type": "sigma_min", "disable_corrector": [1]}],
+        [4, 7.0, {"solver_order": 3, "final_sigmas_type": "sigma_min"}],
+    ]
+    for j, (steps, shift, overrides) in enumerate(chains):
+        s = UniPCMultistepScheduler.from_config(pipe.scheduler.config, flow_shift=shift, **overrides)
         s.set_timesteps(steps)
-        g = torch.Generator().manual_seed(seed + steps)
+        g = torch.Generator().manual_seed(seed + 10 * j + steps)
         x = torch.randn(1, 16, 2, 4, 6, generator=g)
-        sched[f"chain_{steps}_{shift}_sample"] = x.clone()
+        sched[f"chain{j}_sample"] = x.clone()
+        sched[f"chain{j}_timesteps"] = s.timesteps.to(torch.int64).clone()
         for i, t in enumerate(s.timesteps):
             mo = torch.randn(x.shape, generator=g) * 0.5 + 0.3 * x
-            sched[f"chain_{steps}_{shift}_model_output_{i}"] = mo.clone()
+            sched[f"chain{j}_model_output_{i}"] = mo.clone()
             x = s.step(mo, t, x, return_dict=False)[0]
-            sched[f"chain_{steps}_{shift}_out_{i}"] = x.clone()
-    meta["scheduler_chains"] = [[6, 5.0], [3, 16.0]]
+            sched[f"chain{j}_out_{i}"] = x.clone()
+    meta["scheduler_chains"] = chains
     save_file(sched, os.path.join(gold, "scheduler.safetensors"))
 
     # --- VAE ----------------------------------------------------------------------------------------

@@ -134,8 +134,8 @@ impl ClipVision {
         let d = config.hidden_size;
         let p = config.patch_size;
         let c = config.num_channels;
-        if config.image_size % p != 0
-            || d % config.num_attention_heads != 0
+        if !config.image_size.is_multiple_of(p)
+            || !d.is_multiple_of(config.num_attention_heads)
             || config.num_hidden_layers < 2
         {
             return Err(Error::msg(format!(

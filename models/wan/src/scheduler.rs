@@ -466,10 +466,12 @@ fn solve(a: &[Vec<f32>], b: &[f32]) -> Result<Vec<f32>> {
             return Err(Error::msg("UniPC scheduler: singular coefficient system"));
         }
         m.swap(col, pivot);
-        for row in col + 1..n {
-            let f = m[row][col] / m[col][col];
-            for k in col..=n {
-                m[row][k] -= f * m[col][k];
+        let (top, bottom) = m.split_at_mut(col + 1);
+        let pivot_row = &top[col];
+        for row in bottom.iter_mut() {
+            let f = row[col] / pivot_row[col];
+            for (v, p) in row.iter_mut().zip(pivot_row).skip(col) {
+                *v -= f * p;
             }
         }
     }

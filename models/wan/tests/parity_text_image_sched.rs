@@ -321,20 +321,32 @@ fn scheduler_step_chain_matches_diffusers() {
     for dir in data_dirs() {
         let g = golden(&dir, "scheduler");
         let m = meta(&dir);
-        let cfg_path = dir.join("model/scheduler/scheduler_config.json");
-        for chain in m["scheduler_chains"].as_array().unwrap() {
+        let cfg_text =
+            std::fs::read_to_string(dir.join("model/scheduler/scheduler_config.json")).unwrap();
+        for (j, chain) in m["scheduler_chains"].as_array().unwrap().iter().enumerate() {
             let steps = chain[0].as_u64().unwrap() as usize;
             let shift = chain[1].as_f64().unwrap();
-            let key = format!("chain_{steps}_{shift:?}");
-            let mut s = FlowUniPc::from_config(&cfg_path, Some(shift)).unwrap();
+            let mut cfg: serde_json::Value = serde_json::from_str(&cfg_text).unwrap();
+            for (k, v) in chain[2].as_object().unwrap() {
+                cfg[k] = v.clone();
+            }
+            let cfg: kubewan_wan::scheduler::UniPcConfig = serde_json::from_value(cfg).unwrap();
+            let key = format!("chain{j}");
+            let mut s = FlowUniPc::new(cfg, Some(shift)).unwrap();
             s.set_timesteps(steps).unwrap();
+            let want_t = g[&format!("{key}_timesteps")].to_vec1::<i64>().unwrap();
+            assert_eq!(
+                s.timesteps(),
+                &want_t[..],
+                "{} {key} timesteps",
+                dir.display()
+            );
             let mut x = g[&format!("{key}_sample")].clone();
-            let timesteps = s.timesteps().to_vec();
-            for (i, t) in timesteps.iter().enumerate() {
+            for (i, t) in want_t.iter().enumerate() {
                 let mo = &g[&format!("{key}_model_output_{i}")];
                 x = s.step(mo, *t, &x).unwrap();
                 assert_close(
-                    &format!("{} {key} step {i}", dir.display()),
+                    &format!("{} {key} {} step {i}", dir.display(), chain[2]),
                     &x,
                     &g[&format!("{key}_out_{i}")],
                     TOL,
