@@ -106,3 +106,83 @@ fn vae_encode_decode_flf2v() {
 fn vae_encode_decode_i2v() {
     vae_case("tiny-i2v");
 }
+
+fn meta(case: &str) -> serde_json::Value {
+    let p = data(case).join("golden/meta.json");
+    serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap()
+}
+
+fn load_png(path: &Path) -> image::RgbImage {
+    image::open(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .to_rgb8()
+}
+
+fn pipeline_case(case: &str) {
+    use kubewan_wan::pipeline::{VideoRequest, WanPipeline};
+    let m = meta(case);
+    let gold = data(case).join("golden");
+    let pipe = WanPipeline::load(&data(case).join("model"), DType::F32, &Device::Cpu).unwrap();
+    let latents = golden(case, "latents.safetensors")
+        .remove("latents")
+        .unwrap();
+    let req = VideoRequest {
+        first: load_png(&gold.join(m["e2e_first"].as_str().unwrap())),
+        last: m["e2e_last"].as_str().map(|l| load_png(&gold.join(l))),
+        known_frames: vec![],
+        width: m["width"].as_u64().unwrap() as usize,
+        height: m["height"].as_u64().unwrap() as usize,
+        frames: m["frames"].as_u64().unwrap() as usize,
+        steps: m["steps"].as_u64().unwrap() as usize,
+        guidance: m["guidance"].as_f64().unwrap(),
+        flow_shift: m["flow_shift"].as_f64(),
+        seed: 0,
+        latents: Some(latents),
+    };
+    let e2e = golden(case, "e2e.safetensors");
+    let cond = pipe
+        .encode_conditioning(
+            m["prompt"].as_str().unwrap(),
+            m["negative_prompt"].as_str(),
+            req.guidance,
+            &req.first,
+            req.last.as_ref(),
+        )
+        .unwrap();
+    check(
+        &format!("{case} prompt embeds"),
+        &cond.prompt_embeds,
+        &e2e["prompt_embeds"],
+    );
+    check(
+        &format!("{case} negative embeds"),
+        cond.negative_embeds.as_ref().unwrap(),
+        &e2e["negative_prompt_embeds"],
+    );
+    check(
+        &format!("{case} image embeds"),
+        cond.image_embeds.as_ref().unwrap(),
+        &e2e["image_embeds"],
+    );
+    let mut steps = 0;
+    let fin = pipe.denoise(&req, &cond, &mut |_, _| steps += 1).unwrap();
+    assert_eq!(steps, req.steps);
+    check(
+        &format!("{case} final latents"),
+        &fin,
+        &e2e["final_latents"],
+    );
+    let frames = pipe.decode(&fin, &mut |_, _| {}).unwrap();
+    let want = golden(case, "frames.safetensors").remove("frames").unwrap();
+    check(&format!("{case} frames (end to end)"), &frames, &want);
+}
+
+#[test]
+fn pipeline_end_to_end_flf2v() {
+    pipeline_case("tiny-flf2v");
+}
+
+#[test]
+fn pipeline_end_to_end_i2v() {
+    pipeline_case("tiny-i2v");
+}
