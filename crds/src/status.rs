@@ -5,6 +5,9 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use std::collections::BTreeMap;
+
+use crate::plan::{Plan, StepId};
 use crate::report::{PromptOutcome, ReleaseReport, RunReport};
 
 #[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
@@ -162,6 +165,86 @@ impl TravelJobStatus {
     }
 }
 
+/// `dir/file`, unless `file` already starts with `dir`.
+fn join_output(dir: &str, file: &str) -> String {
+    if !dir.is_empty() && file.starts_with(dir) {
+        file.to_owned()
+    } else if dir.is_empty() {
+        file.trim_start_matches('/').to_owned()
+    } else {
+        format!(
+            "{}/{}",
+            dir.trim_end_matches('/'),
+            file.trim_start_matches('/')
+        )
+    }
+}
+
+impl TravelJobStatus {
+    /// Puts the steps' states into the status, the same way in the operator and
+    /// in the runner's local mode: the prompts step (when the plan has a VLM),
+    /// one entry per planned segment (its prompt: the one its own report used,
+    /// else the prompts step's, else the plan's; its output, joined to the job's
+    /// `output_dir`, once it succeeded), the stitch step, the final video, the
+    /// video model label (" (preview)" for the built-in preview), then
+    /// [`TravelJobStatus::summarise`]. Steps absent from `steps` are Pending.
+    pub fn fold_steps(
+        &mut self,
+        plan: &Plan,
+        steps: &BTreeMap<StepId, StepStatus>,
+        output_dir: &str,
+    ) {
+        let get = |id: StepId| steps.get(&id).cloned().unwrap_or_default();
+        self.video_model = Some(if plan.is_preview() {
+            format!("{} (preview)", plan.video_model)
+        } else {
+            plan.video_model.clone()
+        });
+        self.prompts = plan.vlm.is_some().then(|| get(StepId::Prompts));
+        let prompt_report = self.prompts.as_ref().and_then(|p| p.report.clone());
+        self.segments = plan
+            .segments
+            .iter()
+            .map(|seg| {
+                let step = get(StepId::Segment(seg.index));
+                let written = |r: &RunReport| {
+                    r.prompts
+                        .iter()
+                        .find(|p| p.segment == seg.index)
+                        .map(|p| p.prompt.clone())
+                };
+                let prompt = step
+                    .report
+                    .as_ref()
+                    .and_then(written)
+                    .or_else(|| prompt_report.as_ref().and_then(written))
+                    .unwrap_or_else(|| seg.prompt.clone());
+                let output = step
+                    .report
+                    .as_ref()
+                    .filter(|_| step.phase == StepPhase::Succeeded)
+                    .and_then(|r| r.output.as_deref())
+                    .map(|o| join_output(output_dir, o));
+                SegmentStatus {
+                    index: seg.index,
+                    step,
+                    prompt: Some(prompt),
+                    output,
+                }
+            })
+            .collect();
+        self.stitch = Some(get(StepId::Stitch));
+        self.output = self
+            .stitch
+            .as_ref()
+            .filter(|s| s.phase == StepPhase::Succeeded)
+            .and_then(|s| s.report.as_ref())
+            .and_then(|r| r.output.as_deref())
+            .map(|o| join_output(output_dir, o));
+        self.summarise();
+    }
+}
+
 /// Folds the reports into the job's memory summary (None before any report).
 pub fn memory_summary<'a>(reports: impl Iterator<Item = &'a RunReport>) -> Option<MemorySummary> {
     let mut summary: Option<MemorySummary> = None;
@@ -221,6 +304,62 @@ pub fn human_bytes(bytes: u64) -> String {
 mod tests {
     use super::*;
     use crate::task::Stage;
+
+    #[test]
+    fn fold_steps_places_reports_prompts_and_outputs() {
+        let spec: crate::TravelJobSpec = serde_saphyr::from_str(
+            "keyframes: [a, b, c]\nmodel: {name: preview}\ncheckpoints: {hostPath: {path: /c}}\ninputs: {hostPath: {path: /i}}\noutput: {volume: {hostPath: {path: /o}}}\n",
+        )
+        .unwrap();
+        let plan = Plan::from_spec(&spec);
+        let done = |report: RunReport| StepStatus {
+            phase: StepPhase::Succeeded,
+            attempts: 1,
+            report: Some(report),
+            ..Default::default()
+        };
+        let mut steps = BTreeMap::new();
+        steps.insert(
+            StepId::Prompts,
+            done(RunReport {
+                stage: Stage::Prompts,
+                ok: true,
+                prompts: vec![PromptOutcome {
+                    segment: 1,
+                    prompt: "written by the VLM".into(),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }),
+        );
+        steps.insert(
+            StepId::Segment(0),
+            done(RunReport {
+                stage: Stage::Segment,
+                segment: Some(0),
+                ok: true,
+                peak_rss_bytes: 1 << 30,
+                output: Some("segment-0.mp4".into()),
+                ..Default::default()
+            }),
+        );
+        let mut status = TravelJobStatus::default();
+        status.fold_steps(&plan, &steps, "default/job");
+        assert_eq!(status.video_model.as_deref(), Some("preview (preview)"));
+        assert_eq!(status.progress.as_deref(), Some("1/2"));
+        assert_eq!(
+            status.segments[0].output.as_deref(),
+            Some("default/job/segment-0.mp4")
+        );
+        assert_eq!(
+            status.segments[1].prompt.as_deref(),
+            Some("written by the VLM")
+        );
+        assert_eq!(status.segments[1].step.phase, StepPhase::Pending);
+        assert_eq!(status.stitch.as_ref().unwrap().phase, StepPhase::Pending);
+        assert!(status.output.is_none());
+        assert_eq!(status.memory.unwrap().peak_ram, "1.0GiB");
+    }
 
     #[test]
     fn human_units() {

@@ -10,8 +10,7 @@ use anyhow::{Context, Result, bail};
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::ResourceExt;
-use kubewan_crds::report::RunReport;
-use kubewan_crds::status::{JobPhase, SegmentStatus, StepPhase, StepStatus, TravelJobStatus};
+use kubewan_crds::status::{JobPhase, StepPhase, StepStatus, TravelJobStatus};
 use kubewan_crds::task::{Stage, Task};
 use kubewan_crds::{Plan, StepId, TravelJob, TravelJobSpec};
 
@@ -79,69 +78,15 @@ fn step_name(step: StepId) -> String {
     }
 }
 
-fn join(dir: &str, file: &str) -> String {
-    format!(
-        "{}/{}",
-        dir.trim_end_matches('/'),
-        file.trim_start_matches('/')
-    )
-}
-
-/// Puts the steps' states into the status, the way the operator does.
+/// Puts the steps' states into the status, the way the operator does
+/// ([`TravelJobStatus::fold_steps`], shared through kubewan-crds).
 pub fn fold_status(
     status: &mut TravelJobStatus,
     plan: &Plan,
     steps: &BTreeMap<StepId, StepStatus>,
     output_dir: &str,
 ) {
-    let get = |id: StepId| steps.get(&id).cloned().unwrap_or_default();
-    status.video_model = Some(if plan.is_preview() {
-        format!("{} (preview)", plan.video_model)
-    } else {
-        plan.video_model.clone()
-    });
-    status.prompts = plan.vlm.is_some().then(|| get(StepId::Prompts));
-    let prompt_report = status.prompts.as_ref().and_then(|p| p.report.clone());
-    status.segments = plan
-        .segments
-        .iter()
-        .map(|seg| {
-            let step = get(StepId::Segment(seg.index));
-            let written = |r: &RunReport| {
-                r.prompts
-                    .iter()
-                    .find(|p| p.segment == seg.index)
-                    .map(|p| p.prompt.clone())
-            };
-            let prompt = step
-                .report
-                .as_ref()
-                .and_then(written)
-                .or_else(|| prompt_report.as_ref().and_then(written))
-                .unwrap_or_else(|| seg.prompt.clone());
-            let output = step
-                .report
-                .as_ref()
-                .filter(|_| step.phase == StepPhase::Succeeded)
-                .and_then(|r| r.output.as_deref())
-                .map(|o| join(output_dir, o));
-            SegmentStatus {
-                index: seg.index,
-                step,
-                prompt: Some(prompt),
-                output,
-            }
-        })
-        .collect();
-    status.stitch = Some(get(StepId::Stitch));
-    status.output = status
-        .stitch
-        .as_ref()
-        .filter(|s| s.phase == StepPhase::Succeeded)
-        .and_then(|s| s.report.as_ref())
-        .and_then(|r| r.output.as_deref())
-        .map(|o| join(output_dir, o));
-    status.summarise();
+    status.fold_steps(plan, steps, output_dir);
 }
 
 /// Runs the job; `Err` only when it cannot start (unreadable or invalid job).
