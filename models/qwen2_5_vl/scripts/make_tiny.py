@@ -420,6 +420,13 @@ def main():
     sizes = [(168, 112), (150, 100), (84, 56), (300, 230)] if not args.held_back else \
         [(224, 168), (131, 97), (60, 90), (400, 260)]
     names = make_images(image_dir, rng, sizes)
+    if not args.held_back:
+        # Pillow references for the Rust resize test (both of Pillow 13's pass orders)
+        rdir = os.path.join(image_dir, "resized")
+        os.makedirs(rdir, exist_ok=True)
+        src = Image.open(os.path.join(image_dir, names[1])).convert("RGB")
+        for w, h in [(140, 112), (168, 84), (160, 40), (66, 48), (300, 90), (60, 90), (151, 99)]:
+            src.resize((w, h), Image.BICUBIC).save(os.path.join(rdir, f"{w}x{h}.png"))
     goldens = {"transformers": __import__("transformers").__version__, "torch": torch.__version__,
                "image_backend": "pil", "checkpoints": {}}
     for i, spec in enumerate(specs):

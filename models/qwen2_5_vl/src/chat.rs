@@ -32,9 +32,10 @@ pub fn load_template(dir: &Path) -> Result<(PathBuf, String), Error> {
                 if let Some(list) = t.as_array() {
                     for item in list {
                         if item.get("name").and_then(|n| n.as_str()) == Some("default")
-                            && let Some(s) = item.get("template").and_then(|s| s.as_str()) {
-                                return Ok((path, s.to_owned()));
-                            }
+                            && let Some(s) = item.get("template").and_then(|s| s.as_str())
+                        {
+                            return Ok((path, s.to_owned()));
+                        }
                     }
                 }
             }

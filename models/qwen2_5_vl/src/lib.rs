@@ -133,9 +133,10 @@ impl Qwen25Vl {
         let (_, template) = chat::load_template(dir)?;
         let mut config = config;
         if config.eos_token_ids.is_empty()
-            && let Some(id) = tokenizer.token_to_id("<|im_end|>") {
-                config.eos_token_ids.push(id);
-            }
+            && let Some(id) = tokenizer.token_to_id("<|im_end|>")
+        {
+            config.eos_token_ids.push(id);
+        }
 
         let vb = kubewan_model_common::var_builder(dir, "model", dtype, device)?;
         let (text_prefix, vision_prefix) =

@@ -6,10 +6,12 @@
 //! The resize reproduces transformers' PIL backend (`Qwen2VLImageProcessorPil`,
 //! the one our golden script uses; the torchvision backend is not installed
 //! there): Pillow's `Image.resize(..., BICUBIC)` on 8-bit RGB, i.e. Pillow's
-//! two-pass separable resampler (horizontal then vertical) with a = -0.5 cubic
-//! taps widened by the downscale factor (antialias), 22-bit fixed-point
-//! coefficients and a rounding clip to u8 after each pass. It matches Pillow bit
-//! for bit. transformers' torchvision backend (its default when torchvision is
+//! two-pass separable resampler with a = -0.5 cubic taps widened by the
+//! downscale factor (antialias), 22-bit fixed-point coefficients and a rounding
+//! clip to u8 after each pass, in Pillow 13's pass order (vertical first when the
+//! height shrinks by more than twice as many pixels as the width). It matches
+//! Pillow 13.0 bit for bit; Pillow <= 12 always ran the horizontal pass first and
+//! can differ by a few 1/255 steps on images where the order flips. transformers' torchvision backend (its default when torchvision is
 //! installed) resizes in float and rounds once, so it can differ by 1/255 on some
 //! pixels.
 
@@ -197,48 +199,68 @@ fn clip8(v: i64) -> u8 {
     }
 }
 
+/// One separable pass of Pillow's resampler over packed RGB8: along x when `horizontal`.
+fn resample_pass(src: &[u8], w: usize, h: usize, out_len: usize, horizontal: bool) -> Vec<u8> {
+    let (in_len, other) = if horizontal { (w, h) } else { (h, w) };
+    let (_, k) = coeffs(in_len, out_len);
+    let (ow, oh) = if horizontal {
+        (out_len, h)
+    } else {
+        (w, out_len)
+    };
+    let mut out = vec![0u8; ow * oh * 3];
+    for o in 0..other {
+        for (i, (min, taps)) in k.iter().enumerate() {
+            for c in 0..3 {
+                let mut ss: i64 = 1 << (PRECISION_BITS - 1);
+                for (j, &kv) in taps.iter().enumerate() {
+                    let idx = if horizontal {
+                        o * w + min + j
+                    } else {
+                        (min + j) * w + o
+                    };
+                    ss += src[idx * 3 + c] as i64 * kv as i64;
+                }
+                let oidx = if horizontal { o * ow + i } else { i * ow + o };
+                out[oidx * 3 + c] = clip8(ss);
+            }
+        }
+    }
+    out
+}
+
 /// Pillow-exact bicubic resize of packed RGB8 (`w*h*3`).
 pub fn resize_bicubic_pil(src: &[u8], w: usize, h: usize, ow: usize, oh: usize) -> Vec<u8> {
     if (w, h) == (ow, oh) {
         return src.to_vec();
     }
-    // horizontal pass
-    let tmp = if ow != w {
-        let (_, cx) = coeffs(w, ow);
-        let mut tmp = vec![0u8; ow * h * 3];
-        for y in 0..h {
-            let row = &src[y * w * 3..(y + 1) * w * 3];
-            for (x, (xmin, k)) in cx.iter().enumerate() {
-                for c in 0..3 {
-                    let mut ss: i64 = 1 << (PRECISION_BITS - 1);
-                    for (i, &kv) in k.iter().enumerate() {
-                        ss += row[(xmin + i) * 3 + c] as i64 * kv as i64;
-                    }
-                    tmp[(y * ow + x) * 3 + c] = clip8(ss);
-                }
-            }
+    // Pillow >= 13 runs the vertical pass first when the height shrinks by more than
+    // twice as many pixels as the width (older Pillow always went horizontal first);
+    // the order changes the intermediate u8 rounding, so it matters for parity.
+    let vertical_first = oh < h && (h - oh) as i64 > (w as i64 - ow as i64) * 2;
+    if vertical_first {
+        let tmp = if oh != h {
+            resample_pass(src, w, h, oh, false)
+        } else {
+            src.to_vec()
+        };
+        if ow != w {
+            resample_pass(&tmp, w, oh, ow, true)
+        } else {
+            tmp
         }
-        tmp
     } else {
-        src.to_vec()
-    };
-    if oh == h {
-        return tmp;
-    }
-    let (_, cy) = coeffs(h, oh);
-    let mut out = vec![0u8; ow * oh * 3];
-    for (y, (ymin, k)) in cy.iter().enumerate() {
-        for x in 0..ow {
-            for c in 0..3 {
-                let mut ss: i64 = 1 << (PRECISION_BITS - 1);
-                for (i, &kv) in k.iter().enumerate() {
-                    ss += tmp[((ymin + i) * ow + x) * 3 + c] as i64 * kv as i64;
-                }
-                out[(y * ow + x) * 3 + c] = clip8(ss);
-            }
+        let tmp = if ow != w {
+            resample_pass(src, w, h, ow, true)
+        } else {
+            src.to_vec()
+        };
+        if oh != h {
+            resample_pass(&tmp, ow, h, oh, false)
+        } else {
+            tmp
         }
     }
-    out
 }
 
 /// transformers' `convert_to_rgb`: RGB stays; anything with alpha is composited on white.
@@ -322,4 +344,50 @@ pub fn process_image(
         patches,
         grid: (1, gh, gw),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `tests/data/images/resized/*.png` were written by Pillow 13 (`make_tiny.py`):
+    /// `img1_150x100.png` resized bicubic to each size, both pass orders covered.
+    #[test]
+    fn resize_matches_pillow_bit_for_bit() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/images");
+        let src = image::open(dir.join("img1_150x100.png")).unwrap().to_rgb8();
+        let mut n = 0;
+        for entry in std::fs::read_dir(dir.join("resized")).unwrap() {
+            let path = entry.unwrap().path();
+            let want = image::open(&path).unwrap().to_rgb8();
+            let (ow, oh) = (want.width() as usize, want.height() as usize);
+            let got = resize_bicubic_pil(src.as_raw(), 150, 100, ow, oh);
+            let diff = got
+                .iter()
+                .zip(want.as_raw())
+                .filter(|(a, b)| a != b)
+                .count();
+            assert_eq!(diff, 0, "{}: {diff} bytes differ", path.display());
+            n += 1;
+        }
+        assert!(n >= 5);
+    }
+
+    #[test]
+    fn smart_resize_like_transformers() {
+        // round-half-even: 98/28 = 3.5 -> 4, 70/28 = 2.5 -> 2 (then raised to min_pixels)
+        assert_eq!(
+            smart_resize(98, 140, 28, 56 * 56, 28 * 28 * 1280).unwrap(),
+            (112, 140)
+        );
+        assert_eq!(
+            smart_resize(100, 150, 28, 56 * 56, 28 * 28 * 40).unwrap(),
+            (112, 140)
+        );
+        assert_eq!(
+            smart_resize(230, 300, 28, 56 * 56, 28 * 28 * 40).unwrap(),
+            (140, 196)
+        );
+        assert!(smart_resize(1, 300, 28, 56 * 56, 28 * 28 * 40).is_err());
+    }
 }
