@@ -8,9 +8,13 @@ pub mod conv3d;
 pub mod pipeline;
 pub mod scheduler;
 pub mod text;
+pub mod tiny;
 pub mod transformer;
 pub mod umt5;
 pub mod vae;
+
+pub use pipeline::{WanPipeline, required_files};
+pub use tiny::write_tiny_checkpoint;
 
 use std::path::{Path, PathBuf};
 

@@ -186,3 +186,121 @@ fn pipeline_end_to_end_flf2v() {
 fn pipeline_end_to_end_i2v() {
     pipeline_case("tiny-i2v");
 }
+
+fn small_request(
+    first: image::RgbImage,
+    last: Option<image::RgbImage>,
+    known: Vec<image::RgbImage>,
+) -> kubewan_wan::pipeline::VideoRequest {
+    kubewan_wan::pipeline::VideoRequest {
+        first,
+        last,
+        known_frames: known,
+        width: 48,
+        height: 32,
+        frames: 9,
+        steps: 2,
+        guidance: 3.0,
+        flow_shift: Some(5.0),
+        seed: 3,
+        latents: None,
+    }
+}
+
+fn solid(v: u8) -> image::RgbImage {
+    image::RgbImage::from_pixel(48, 32, image::Rgb([v, 255 - v, v / 2]))
+}
+
+/// Chained mode pins extra frames through the mask: latent frame 0 covers pixel frame 0 (4×),
+/// latent frame j covers pixel frames 4j-3..=4j.
+#[test]
+fn known_frames_set_the_mask() {
+    use kubewan_wan::pipeline::WanPipeline;
+    let pipe =
+        WanPipeline::load_denoiser(&data("tiny-flf2v").join("model"), DType::F32, &Device::Cpu)
+            .unwrap();
+    let mask_of = |req: &kubewan_wan::pipeline::VideoRequest| -> Vec<Vec<f32>> {
+        let c = pipe.condition(req).unwrap(); // [1, 4+16, 3, 4, 6]
+        assert_eq!(c.dims(), &[1, 20, 3, 4, 6]);
+        let m = c.narrow(1, 0, 4).unwrap().squeeze(0).unwrap(); // [4, T', h, w]
+        // every pixel of a (channel, latent frame) plane is equal
+        let plane_max = m.max_keepdim(3).unwrap().max_keepdim(2).unwrap();
+        let plane_min = m.min_keepdim(3).unwrap().min_keepdim(2).unwrap();
+        assert_eq!(max_abs(&plane_max, &plane_min), 0.0);
+        plane_max
+            .squeeze(3)
+            .unwrap()
+            .squeeze(2)
+            .unwrap()
+            .t()
+            .unwrap()
+            .to_vec2()
+            .unwrap()
+    };
+    // FLF2V: first and last
+    let m = mask_of(&small_request(solid(10), Some(solid(200)), vec![]));
+    assert_eq!(
+        m,
+        vec![vec![1.0; 4], vec![0.0; 4], vec![0.0, 0.0, 0.0, 1.0]]
+    );
+    // chained: first + 2 known frames (pixel frames 1, 2) + last
+    let m = mask_of(&small_request(
+        solid(10),
+        Some(solid(200)),
+        vec![solid(50), solid(90)],
+    ));
+    assert_eq!(
+        m,
+        vec![
+            vec![1.0; 4],
+            vec![1.0, 1.0, 0.0, 0.0],
+            vec![0.0, 0.0, 0.0, 1.0]
+        ]
+    );
+    // I2V: first only
+    let m = mask_of(&small_request(solid(10), None, vec![]));
+    assert_eq!(m, vec![vec![1.0; 4], vec![0.0; 4], vec![0.0; 4]]);
+    // the known frames change the condition latents, not only the mask
+    let a = pipe
+        .condition(&small_request(solid(10), Some(solid(200)), vec![]))
+        .unwrap();
+    let b = pipe
+        .condition(&small_request(
+            solid(10),
+            Some(solid(200)),
+            vec![solid(50), solid(90)],
+        ))
+        .unwrap();
+    assert!(max_abs(&a.narrow(1, 4, 16).unwrap(), &b.narrow(1, 4, 16).unwrap()) > 1e-3);
+}
+
+/// The Rust-written tiny pipeline (what `kubewan-runner tiny-ckpts` writes) loads and runs.
+#[test]
+fn tiny_checkpoint_runs() {
+    use kubewan_wan::pipeline::WanPipeline;
+    let dir = std::env::temp_dir().join(format!("kubewan-wan-tiny-{}", std::process::id()));
+    kubewan_wan::write_tiny_checkpoint(&dir, 7).unwrap();
+    for f in kubewan_wan::required_files() {
+        assert!(dir.join(f).is_file(), "{f} missing");
+    }
+    // fresh weights, not the committed ones
+    let ours = candle_core::safetensors::load(
+        dir.join("transformer/diffusion_pytorch_model.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let committed = candle_core::safetensors::load(
+        data("tiny-flf2v").join("model/transformer/diffusion_pytorch_model.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    assert_eq!(ours.len(), committed.len());
+    assert!(max_abs(&ours["proj_out.weight"], &committed["proj_out.weight"]) > 1e-3);
+    let pipe = WanPipeline::load(&dir, DType::F32, &Device::Cpu).unwrap();
+    let req = small_request(solid(10), Some(solid(200)), vec![solid(40)]);
+    let frames = pipe.generate(&req, "a fox", Some("blurry")).unwrap();
+    assert_eq!(frames.dims(), &[9, 32, 48, 3]);
+    let v: Vec<f32> = frames.flatten_all().unwrap().to_vec1().unwrap();
+    assert!(v.iter().all(|x| (0.0..=1.0).contains(x)));
+    std::fs::remove_dir_all(&dir).ok();
+}
