@@ -114,7 +114,7 @@ pub fn run_local(opts: &LocalOptions) -> Result<LocalResult> {
             .unwrap_or_else(|_| ProgressStyle::default_bar())
             .progress_chars("=> "),
     );
-    overall.set_message(format!("{job_name}"));
+    overall.set_message(job_name.clone());
     let bar = Bar::new(&multi);
     let silent = Silent;
     let progress: &dyn Progress = if opts.progress { &bar } else { &silent };

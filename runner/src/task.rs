@@ -44,7 +44,7 @@ impl Progress for LogProgress {
     fn inc(&self, n: u64) {
         if let Ok(mut s) = self.state.lock() {
             s.2 += n;
-            let decile = if s.1 > 0 { s.2 * 10 / s.1 } else { 0 };
+            let decile = (s.2 * 10).checked_div(s.1).unwrap_or(0);
             if decile > s.3 {
                 s.3 = decile;
                 eprintln!("{}: {}/{}", s.0, s.2, s.1);

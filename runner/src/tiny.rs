@@ -27,9 +27,14 @@ pub fn write_tiny_checkpoints(root: &Path) -> Result<TinyOutcome> {
     outcome.skipped.push(format!(
         "{TINY_VLM}: the Qwen2.5-VL crate has no tiny checkpoint writer yet"
     ));
-    // Wan2.1: the Wan crate's tiny checkpoint writer, once it exists.
-    outcome.skipped.push(format!(
-        "{TINY_WAN}: the Wan2.1 crate has no tiny checkpoint writer yet"
-    ));
+    // Wan2.1: a tiny FLF2V pipeline in the diffusers layout (fresh seeded random weights).
+    let wan = root.join(TINY_WAN);
+    if wan.join("model_index.json").is_file() {
+        outcome.skipped.push(format!("{TINY_WAN}: already present"));
+    } else {
+        kubewan_wan::write_tiny_checkpoint(&wan, 0)
+            .with_context(|| format!("cannot write the tiny Wan pipeline to {}", wan.display()))?;
+        outcome.written.push(TINY_WAN.to_string());
+    }
     Ok(outcome)
 }

@@ -19,9 +19,9 @@ use kubewan_crds::task::{Stage, Task};
 use kubewan_crds::validate::check_relative_path;
 use kubewan_crds::{PREVIEW_MODEL, Plan};
 
-use crate::ckpts::CkptRoot;
+use crate::ckpts::{CkptRoot, ModelKind, ResolvedModel};
 use crate::fsutil::ensure_writable_dir;
-use crate::probe::{Probe, ProbeRecord};
+use crate::probe::{Probe, ProbeRecord, available_bytes, ensure_fits};
 use crate::progress::Progress;
 use crate::report::{fill_from_probe, write_outputs};
 use crate::video::Frame;
@@ -68,6 +68,15 @@ impl StageCtx<'_> {
     /// The checkpoint root, canonicalised.
     pub fn ckpts(&self) -> Result<CkptRoot> {
         CkptRoot::open(&self.mounts.ckpts)
+    }
+
+    /// Resolves and checks a model folder of `kind` under the checkpoint root,
+    /// then refuses it when its weights do not fit the memory available
+    /// (cgroup limit included): call it before loading any model.
+    pub fn check_model(&self, reference: &str, kind: ModelKind) -> Result<ResolvedModel> {
+        let model = self.ckpts()?.check(reference, Some(kind))?;
+        ensure_fits(reference, model.weight_bytes, available_bytes())?;
+        Ok(model)
     }
 
     /// A keyframe path (relative to the inputs volume), checked to stay inside it.
@@ -148,7 +157,11 @@ fn check_task(task: &Task) -> Result<()> {
     if plan.segments.is_empty() {
         bail!("the task's plan has no segments");
     }
-    if plan.width == 0 || plan.height == 0 || plan.width % 2 != 0 || plan.height % 2 != 0 {
+    if plan.width == 0
+        || plan.height == 0
+        || !plan.width.is_multiple_of(2)
+        || !plan.height.is_multiple_of(2)
+    {
         bail!(
             "the task's plan has an unusable resolution {}x{}",
             plan.width,

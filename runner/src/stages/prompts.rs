@@ -54,9 +54,13 @@ pub struct VlmPrompts {
     pub release: Option<ReleaseReport>,
 }
 
-/// Writes every segment's prompt with the VLM: load once (phase `vlm_load`,
-/// after [`crate::probe::ensure_fits`]), generate per pair (`vlm_generate`),
-/// release and measure it (`vlm_release`, [`crate::probe::Probe::release`]).
+/// Writes every segment's prompt with the VLM: check the folder and the memory
+/// (`ctx.check_model(&vlm.model, ModelKind::Qwen2_5Vl)`), take a baseline
+/// (`ctx.probe.sample()`), load once (phase `vlm_load`), generate per pair
+/// (`vlm_generate`; keyframes via `ctx.keyframe_path`), then release and
+/// measure (`ctx.probe.release("vlm_release", …, model, &baseline, &loaded)`,
+/// which drops the model, returns the heap to the OS and reports
+/// loaded/freed bytes with a warning under 95 %).
 pub fn vlm_prompts(ctx: &mut StageCtx<'_>, vlm: &VlmPlan) -> Result<VlmPrompts> {
     let _ = (ctx, vlm);
     bail!("Qwen2.5-VL support is not built yet")

@@ -11,7 +11,7 @@ use super::segment_wan::{self, WanSegmentJob};
 use super::{StageCtx, segment_tail, segment_video};
 use crate::ckpts::ModelKind;
 use crate::preview;
-use crate::probe::{available_bytes, ensure_fits, phases};
+use crate::probe::phases;
 use crate::video::frames::{read_frames_safetensors, write_frames_safetensors};
 use crate::video::{Frame, Mp4Writer};
 
@@ -92,9 +92,7 @@ pub fn run(ctx: &mut StageCtx<'_>, mut report: RunReport) -> Result<RunReport> {
         ctx.probe.end();
         out
     } else {
-        let ckpts = ctx.ckpts()?;
-        let model = ckpts.check(&plan.video_model, Some(ModelKind::Wan))?;
-        ensure_fits(&plan.video_model, model.weight_bytes, available_bytes())?;
+        let model = ctx.check_model(&plan.video_model, ModelKind::Wan)?;
         let start_image = ctx.keyframe_path(&seg.start_keyframe)?;
         let end_image = ctx.keyframe_path(&seg.end_keyframe)?;
         let start = ctx.load_keyframe(&seg.start_keyframe)?;

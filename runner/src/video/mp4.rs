@@ -110,7 +110,7 @@ fn annexb_nals(data: &[u8]) -> Vec<&[u8]> {
 impl Mp4Writer {
     /// Starts `path` (written as a temporary file until [`Mp4Writer::finish`]).
     pub fn create(path: &Path, width: u32, height: u32, fps: u32) -> Result<Mp4Writer> {
-        if width == 0 || height == 0 || width % 2 != 0 || height % 2 != 0 {
+        if width == 0 || height == 0 || !width.is_multiple_of(2) || !height.is_multiple_of(2) {
             bail!("cannot encode {width}x{height} video: H.264 needs even, non-zero sides");
         }
         if fps == 0 {
