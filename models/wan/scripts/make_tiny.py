@@ -31,6 +31,7 @@ Layout of each output directory:
   golden/e2e.safetensors               prompt_embeds / negative_prompt_embeds / image_embeds / final_latents
   golden/text.safetensors              UMT5: ids, mask, raw last_hidden_state, pipeline prompt embeds
   golden/clip.safetensors              CLIP: pixel values and penultimate hidden states (1 and 2 images)
+  golden/resize.safetensors            Pillow resizes of clip_b.png (u8 [h,w,3]) for every filter
   golden/scheduler.safetensors (+meta) sigmas / timesteps per (steps, shift), a multistep step() chain
   golden/dit.safetensors               one transformer forward (the first conditional call of the pipeline)
   golden/vae.safetensors               VAE encode (latent mean) and decode
@@ -347,6 +348,21 @@ def build_and_record(out_dir, cfg, seed):
         clip["one_pipeline"] = pipe.encode_image(first, torch.device("cpu")).contiguous()
     meta["clip_two_second"] = "last.png" if last is not None else "clip_a.png"
     save_file(clip, os.path.join(gold, "clip.safetensors"))
+
+    # --- Pillow resampling (CLIP's bicubic; the pipeline's VideoProcessor uses lanczos) ---------------
+    resize = {}
+    bw, bh = clip_b.size
+    # (Pillow 13 runs the vertical pass first for the 1st and last sizes, horizontal first otherwise.)
+    sizes = [(bw // 2, bh // 3), (2 * bw - 3, bh + 5), (bw, bh // 2), (bw + 7, bh), (3, 2 * bh + 1), (bw - 2, bh // 4)]
+    filters = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "lanczos": Image.LANCZOS, "box": Image.BOX,
+               "hamming": Image.HAMMING}
+    for fname, f in filters.items():
+        for w, h in sizes:
+            resize[f"{fname}_{w}x{h}"] = torch.from_numpy(np.asarray(clip_b.resize((w, h), f), dtype=np.uint8).copy())
+    meta["resize_source"] = "clip_b.png"
+    meta["resize_sizes"] = sizes
+    meta["resize_filters"] = {k: int(v) for k, v in filters.items()}
+    save_file(resize, os.path.join(gold, "resize.safetensors"))
 
     # --- scheduler ----------------------------------------------------------------------------------
     sched = {}

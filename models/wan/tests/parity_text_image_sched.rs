@@ -220,6 +220,46 @@ fn clip_preprocess_matches_image_processor() {
 }
 
 #[test]
+fn pil_resize_matches_pillow_for_every_filter() {
+    for dir in data_dirs() {
+        let g = golden(&dir, "resize");
+        let m = meta(&dir);
+        let src = load_rgb(
+            &dir.join("golden")
+                .join(m["resize_source"].as_str().unwrap()),
+        );
+        let mut checked = 0;
+        for (name, code) in m["resize_filters"].as_object().unwrap() {
+            let filter = PilFilter::from_code(code.as_u64().unwrap() as u32).unwrap();
+            for wh in m["resize_sizes"].as_array().unwrap() {
+                let (w, h) = (
+                    wh[0].as_u64().unwrap() as u32,
+                    wh[1].as_u64().unwrap() as u32,
+                );
+                let got = clip::pil_resize(&src, w, h, filter);
+                let want = &g[&format!("{name}_{w}x{h}")];
+                assert_eq!(want.dims(), &[h as usize, w as usize, 3]);
+                let want = want.flatten_all().unwrap().to_vec1::<u8>().unwrap();
+                let diff = got
+                    .as_raw()
+                    .iter()
+                    .zip(&want)
+                    .filter(|(a, b)| a != b)
+                    .count();
+                assert_eq!(
+                    diff,
+                    0,
+                    "{} {name} {w}x{h}: {diff} bytes differ",
+                    dir.display()
+                );
+                checked += 1;
+            }
+        }
+        assert!(checked >= 25);
+    }
+}
+
+#[test]
 fn pil_resize_same_size_is_identity_and_lanczos_runs() {
     let img =
         image::RgbImage::from_fn(7, 5, |x, y| image::Rgb([(x * 30) as u8, (y * 50) as u8, 7]));
