@@ -259,8 +259,13 @@ impl WanAttention {
         let mut k = self.heads(&k)?;
         let v = self.heads(&v)?;
         if let Some((cos, sin)) = rope {
-            q = candle_nn::rotary_emb::rope_i(&q, cos, sin)?;
-            k = candle_nn::rotary_emb::rope_i(&k, cos, sin)?;
+            // RoPE in f32 (diffusers applies it in float64 then casts back).
+            let dt = q.dtype();
+            let rot = |x: &Tensor| -> Result<Tensor> {
+                candle_nn::rotary_emb::rope_i(&x.to_dtype(DType::F32)?, cos, sin)?.to_dtype(dt)
+            };
+            q = rot(&q)?;
+            k = rot(&k)?;
         }
         let mut out = self.merge(&attention(&q, &k, &v)?)?;
         if let (Some(img), Some(akp), Some(avp), Some(nak)) = (

@@ -304,3 +304,29 @@ fn tiny_checkpoint_runs() {
     assert!(v.iter().all(|x| (0.0..=1.0).contains(x)));
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// The bf16 path (the TravelJob default dtype) runs and stays close to the f32 reference.
+#[test]
+fn dit_forward_bf16_close() {
+    let case = "tiny-flf2v";
+    let g = golden(case, "dit.safetensors");
+    let model = WanTransformer::load(
+        &data(case).join("model/transformer"),
+        DType::BF16,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let t: Vec<f32> = g["timestep"].to_vec1().unwrap();
+    let out = model
+        .forward(
+            &g["hidden_states"],
+            &t,
+            &g["encoder_hidden_states"],
+            Some(&g["encoder_hidden_states_image"]),
+        )
+        .unwrap();
+    assert_eq!(out.dtype(), DType::BF16);
+    let err = max_abs(&out, &g["output"]);
+    eprintln!("{case} dit forward bf16: max abs err {err:.3e}");
+    assert!(err < 0.1, "bf16 forward too far from f32: {err}");
+}
