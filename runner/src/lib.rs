@@ -16,6 +16,7 @@ pub mod tiny;
 pub mod video;
 pub mod video_cli;
 pub mod vlm_cli;
+pub mod vram;
 
 /// Exit code of a run that failed (bad input, failed stage).
 pub const EXIT_FAILURE: i32 = 1;

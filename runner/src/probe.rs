@@ -4,10 +4,13 @@
 //! measures whether a dropped model gave its memory back ([`Probe::release`])
 //! and refuses to load a model that cannot fit ([`ensure_fits`]).
 //!
-//! VRAM comes from a [`VramSource`]; the CPU build has none and leaves the VRAM
-//! fields empty, a CUDA build installs one with [`Probe::set_vram_source`].
+//! VRAM comes from a [`VramSource`]: [`Probe::new`] installs NVML's device
+//! readings when a GPU is visible ([`crate::vram`]); without one the VRAM
+//! fields stay empty. A build with its own allocator statistics (e.g. cudarc's
+//! memory pool high-water mark) can install another with [`Probe::set_vram_source`].
 
 use std::fs;
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -105,39 +108,50 @@ fn meminfo_available() -> Option<u64> {
         .map(|k| k * 1024)
 }
 
-fn read_u64(path: &str) -> Option<u64> {
+fn read_u64(path: &Path) -> Option<u64> {
     fs::read_to_string(path).ok()?.trim().parse().ok()
 }
 
 /// The cgroup's memory limit and current usage, bytes (v2, then v1); None when unlimited.
 pub fn cgroup_memory() -> Option<(u64, u64)> {
-    // cgroup v2: this process's group from /proc/self/cgroup ("0::/path").
-    let own = fs::read_to_string("/proc/self/cgroup").ok().and_then(|s| {
-        s.lines()
-            .find_map(|l| l.strip_prefix("0::").map(|p| p.trim().to_owned()))
-    });
+    let own = fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+    cgroup_memory_in(Path::new("/sys/fs/cgroup"), &own)
+}
+
+/// [`cgroup_memory`] against a cgroup filesystem at `root` and the content of
+/// `/proc/self/cgroup`.
+pub fn cgroup_memory_in(root: &Path, self_cgroup: &str) -> Option<(u64, u64)> {
+    // cgroup v2: this process's group ("0::/path"), then the root (a container's
+    // own group is usually mounted as the root).
     let mut candidates = Vec::new();
-    if let Some(path) = own {
-        candidates.push(format!("/sys/fs/cgroup{}", path.trim_end_matches('/')));
+    if let Some(path) = self_cgroup
+        .lines()
+        .find_map(|l| l.strip_prefix("0::").map(str::trim))
+    {
+        let rel = path.trim_matches('/');
+        if !rel.is_empty() {
+            candidates.push(root.join(rel));
+        }
     }
-    candidates.push("/sys/fs/cgroup".to_owned());
+    candidates.push(root.to_owned());
     for dir in candidates {
-        if let Ok(max) = fs::read_to_string(format!("{dir}/memory.max")) {
+        if let Ok(max) = fs::read_to_string(dir.join("memory.max")) {
             let max = max.trim();
             if max == "max" {
                 return None;
             }
             let limit: u64 = max.parse().ok()?;
-            let usage = read_u64(&format!("{dir}/memory.current")).unwrap_or(0);
+            let usage = read_u64(&dir.join("memory.current")).unwrap_or(0);
             return Some((limit, usage));
         }
     }
     // cgroup v1.
-    let limit = read_u64("/sys/fs/cgroup/memory/memory.limit_in_bytes")?;
+    let v1 = root.join("memory");
+    let limit = read_u64(&v1.join("memory.limit_in_bytes"))?;
     if limit >= (1u64 << 60) {
         return None;
     }
-    let usage = read_u64("/sys/fs/cgroup/memory/memory.usage_in_bytes").unwrap_or(0);
+    let usage = read_u64(&v1.join("memory.usage_in_bytes")).unwrap_or(0);
     Some((limit, usage))
 }
 
@@ -291,9 +305,16 @@ impl Probe {
         }
     }
 
-    /// A probe sampling every 50 ms.
+    /// A probe sampling every 50 ms, with VRAM from NVML when a GPU is visible
+    /// (`KUBEWAN_NO_NVML=1` turns that off).
     pub fn new() -> Probe {
-        Probe::start(Duration::from_millis(50))
+        let mut probe = Probe::start(Duration::from_millis(50));
+        if std::env::var_os("KUBEWAN_NO_NVML").is_none()
+            && let Some(nvml) = crate::vram::NvmlVram::open()
+        {
+            probe.set_vram_source(Arc::new(nvml));
+        }
+        probe
     }
 
     pub fn set_vram_source(&mut self, source: Arc<dyn VramSource>) {
@@ -552,6 +573,35 @@ mod tests {
             "{text}"
         );
         ensure_fits("small", 1 << 20, Some(1 << 30)).unwrap();
+    }
+
+    #[test]
+    fn cgroup_limits_are_read_from_v2_and_v1() {
+        let root = tempfile::tempdir().unwrap();
+        let group = root.path().join("kubepods/pod1");
+        fs::create_dir_all(&group).unwrap();
+        fs::write(group.join("memory.max"), "1073741824\n").unwrap();
+        fs::write(group.join("memory.current"), "104857600\n").unwrap();
+        assert_eq!(
+            cgroup_memory_in(root.path(), "0::/kubepods/pod1\n"),
+            Some((1 << 30, 100 << 20))
+        );
+        fs::write(group.join("memory.max"), "max\n").unwrap();
+        assert_eq!(cgroup_memory_in(root.path(), "0::/kubepods/pod1\n"), None);
+        let v1 = tempfile::tempdir().unwrap();
+        fs::create_dir_all(v1.path().join("memory")).unwrap();
+        fs::write(v1.path().join("memory/memory.limit_in_bytes"), "2147483648").unwrap();
+        fs::write(v1.path().join("memory/memory.usage_in_bytes"), "1024").unwrap();
+        assert_eq!(
+            cgroup_memory_in(v1.path(), "4:memory:/x\n"),
+            Some((2 << 30, 1024))
+        );
+        fs::write(
+            v1.path().join("memory/memory.limit_in_bytes"),
+            "9223372036854771712",
+        )
+        .unwrap();
+        assert_eq!(cgroup_memory_in(v1.path(), ""), None);
     }
 
     #[test]

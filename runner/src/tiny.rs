@@ -23,10 +23,15 @@ pub fn write_tiny_checkpoints(root: &Path) -> Result<TinyOutcome> {
     std::fs::create_dir_all(root.join("tiny"))
         .with_context(|| format!("cannot create {}", root.join("tiny").display()))?;
     let mut outcome = TinyOutcome::default();
-    // Qwen2.5-VL: kubewan_qwen2_5_vl::write_tiny_checkpoint, once that crate provides it.
-    outcome.skipped.push(format!(
-        "{TINY_VLM}: the Qwen2.5-VL crate has no tiny checkpoint writer yet"
-    ));
+    // Qwen2.5-VL: a tiny model in the released layout (seeded random weights).
+    let vlm = root.join(TINY_VLM);
+    if vlm.join("config.json").is_file() {
+        outcome.skipped.push(format!("{TINY_VLM}: already present"));
+    } else {
+        kubewan_qwen2_5_vl::write_tiny_checkpoint(&vlm, 0)
+            .with_context(|| format!("cannot write the tiny Qwen2.5-VL to {}", vlm.display()))?;
+        outcome.written.push(TINY_VLM.to_string());
+    }
     // Wan2.1: a tiny FLF2V pipeline in the diffusers layout (fresh seeded random weights).
     let wan = root.join(TINY_WAN);
     if wan.join("model_index.json").is_file() {

@@ -4,18 +4,24 @@
 //! why. Writes `prompts.json` (full texts) to the job's output folder; the
 //! segment stage reads it (a segment without an entry uses its plan prompt).
 //!
-//! OWNERSHIP: the Qwen2.5-VL engineer owns the final content of this file. The
-//! VLM call goes in [`vlm_prompts`]; until Qwen2.5-VL lands it returns
-//! "Qwen2.5-VL support is not built yet", so every pair falls back.
+//! Per pair the VLM sees the two keyframes side by side (left = start, right =
+//! end, on one canvas of width w1 + w2 and height max(h1, h2)), a
+//! video-direction system prompt, and an instruction that gives the segment's
+//! duration (frames / fps) and its own prompt as guidance and asks for one
+//! cinematic sentence of motion plus scene details. Decoding is greedy, so a
+//! retried pod writes the same prompts.
 
 use std::path::Path;
 
 use anyhow::{Context, Result, bail};
-use kubewan_crds::plan::VlmPlan;
+use candle_core::DType;
+use kubewan_crds::plan::{SegmentPlan, VlmPlan};
+use kubewan_qwen2_5_vl::{GenerateRequest, Qwen25Vl, Sampling};
 use kubewan_crds::report::{PromptOutcome, ReleaseReport, RunReport};
 use serde::{Deserialize, Serialize};
 
 use super::{PROMPTS_FILE, StageCtx};
+use crate::ckpts::ModelKind;
 use crate::fsutil::write_atomic;
 
 /// `prompts.json`: every segment's prompt, full text.
@@ -62,8 +68,99 @@ pub struct VlmPrompts {
 /// which drops the model, returns the heap to the OS and reports
 /// loaded/freed bytes with a warning under 95 %).
 pub fn vlm_prompts(ctx: &mut StageCtx<'_>, vlm: &VlmPlan) -> Result<VlmPrompts> {
-    let _ = (ctx, vlm);
-    bail!("Qwen2.5-VL support is not built yet")
+    let model_ref = ctx.check_model(&vlm.model, ModelKind::Qwen2_5Vl)?;
+    let device = crate::video_cli::device();
+    // bf16 on a GPU (the released weights' dtype); on a CPU f32 for small
+    // (tiny, test) checkpoints, bf16 for real ones so a 7B fits like on the GPU.
+    let dtype = if device.is_cuda() || model_ref.weight_bytes > (2 << 30) {
+        DType::BF16
+    } else {
+        DType::F32
+    };
+    let plan = ctx.plan().clone();
+    let baseline = ctx.probe.sample();
+    let model = ctx
+        .probe
+        .phase("vlm_load", || Qwen25Vl::load(&model_ref.dir, dtype, &device));
+    let mut model = model.with_context(|| format!("cannot load the VLM {}", vlm.model))?;
+    let loaded = ctx.probe.sample();
+    ctx.probe.begin("vlm_generate");
+    ctx.progress.start("prompts", plan.segments.len() as u64);
+    let mut prompts = Vec::with_capacity(plan.segments.len());
+    for seg in &plan.segments {
+        let result = pair_prompt(ctx, &mut model, seg, plan.fps, vlm.max_new_tokens)
+            .map_err(|e| format!("segment {}: {e:#}", seg.index));
+        prompts.push(result);
+        ctx.progress.inc(1);
+    }
+    ctx.progress.finish();
+    ctx.probe.end();
+    let release = ctx
+        .probe
+        .release("vlm_release", &vlm.model, model, &baseline, &loaded);
+    Ok(VlmPrompts {
+        prompts,
+        release: Some(release),
+    })
+}
+
+/// The system prompt of the prompts stage.
+pub const SYSTEM_PROMPT: &str = "You are a video direction assistant. You write the prompt that an \
+image-to-video model follows to animate the transition between two keyframes.";
+
+/// The user instruction for one pair.
+pub fn instruction(segment_prompt: &str, frames: u32, fps: u32) -> String {
+    let seconds = frames as f64 / fps.max(1) as f64;
+    let guide = if segment_prompt.trim().is_empty() {
+        "a cinematic sequence"
+    } else {
+        segment_prompt.trim()
+    };
+    format!(
+        "The image shows two keyframes side by side: the LEFT half is the first frame (the start) \
+and the RIGHT half is the last frame (the end) of a {seconds:.1} second video clip.\n\
+Describe how the scene moves from the start to the end in ONE cinematic sentence \
+(camera movement and subject motion), then add a few details about the scene, the light and the style.\n\
+Follow the user's idea: {guide}\n\
+Examples:\n\
+- The camera slowly pushes in as the woman turns toward the window; warm afternoon light, soft film grain.\n\
+- A drone glides over the misty forest toward the mountain peak as the sun rises; cool blue tones, volumetric light.\n\
+Answer with the prompt only."
+    )
+}
+
+/// The two keyframes on one canvas: start on the left, end on the right (top-aligned, black fill).
+pub fn side_by_side(start: &image::RgbImage, end: &image::RgbImage) -> image::RgbImage {
+    let (w1, h1) = start.dimensions();
+    let (w2, h2) = end.dimensions();
+    let mut canvas = image::RgbImage::new(w1 + w2, h1.max(h2));
+    image::imageops::replace(&mut canvas, start, 0, 0);
+    image::imageops::replace(&mut canvas, end, w1 as i64, 0);
+    canvas
+}
+
+fn pair_prompt(
+    ctx: &StageCtx<'_>,
+    model: &mut Qwen25Vl,
+    seg: &SegmentPlan,
+    fps: u32,
+    max_new_tokens: u32,
+) -> Result<String> {
+    let open = |rel: &str| -> Result<image::RgbImage> {
+        let path = ctx.keyframe_path(rel)?;
+        Ok(image::open(&path)
+            .with_context(|| format!("cannot read keyframe {}", path.display()))?
+            .to_rgb8())
+    };
+    let canvas = side_by_side(&open(&seg.start_keyframe)?, &open(&seg.end_keyframe)?);
+    let out = model.generate(&GenerateRequest {
+        system: Some(SYSTEM_PROMPT.to_owned()),
+        images: vec![image::DynamicImage::ImageRgb8(canvas)],
+        prompt: instruction(&seg.prompt, seg.frames, fps),
+        max_new_tokens: max_new_tokens.max(1) as usize,
+        sampling: Sampling::Greedy,
+    })?;
+    Ok(out.text)
 }
 
 pub fn run(ctx: &mut StageCtx<'_>, mut report: RunReport) -> Result<RunReport> {
@@ -135,4 +232,27 @@ pub fn run(ctx: &mut StageCtx<'_>, mut report: RunReport) -> Result<RunReport> {
         plan.segments.len() - fell_back
     ));
     Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pairs_are_pasted_left_start_right_end() {
+        let a = image::RgbImage::from_pixel(4, 3, image::Rgb([255, 0, 0]));
+        let b = image::RgbImage::from_pixel(2, 5, image::Rgb([0, 0, 255]));
+        let c = side_by_side(&a, &b);
+        assert_eq!(c.dimensions(), (6, 5));
+        assert_eq!(c.get_pixel(0, 0), &image::Rgb([255, 0, 0]));
+        assert_eq!(c.get_pixel(4, 4), &image::Rgb([0, 0, 255]));
+        assert_eq!(c.get_pixel(0, 4), &image::Rgb([0, 0, 0]));
+    }
+
+    #[test]
+    fn the_instruction_carries_duration_and_guidance() {
+        let s = instruction("a fox runs", 81, 16);
+        assert!(s.contains("5.1 second") && s.contains("a fox runs") && s.contains("LEFT"));
+        assert!(instruction(" ", 33, 16).contains("a cinematic sequence"));
+    }
 }
