@@ -57,6 +57,9 @@ pub fn html_unescape(s: &str) -> String {
         ("deg", '\u{b0}'),
         ("times", '\u{d7}'),
     ];
+    const LEGACY: &[&str] = &[
+        "amp", "lt", "gt", "quot", "nbsp", "copy", "reg", "deg", "times",
+    ];
     let mut out = String::with_capacity(s.len());
     let mut rest = s;
     while let Some(pos) = rest.find('&') {
@@ -100,6 +103,16 @@ pub fn html_unescape(s: &str) -> String {
                     out.push(*c);
                     consumed = Some(name.len() + 1);
                     break;
+                }
+            }
+            // HTML5's legacy entities are also recognised without the semicolon ("&amp b", "&copy2024").
+            if consumed.is_none() {
+                for (name, c) in NAMED.iter().filter(|(n, _)| LEGACY.contains(n)) {
+                    if tail.starts_with(name) {
+                        out.push(*c);
+                        consumed = Some(name.len());
+                        break;
+                    }
                 }
             }
         }

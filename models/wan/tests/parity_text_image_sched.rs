@@ -181,6 +181,22 @@ fn prompt_clean_matches_diffusers() {
         "A red fox runs through snow & ice 'x'"
     );
     assert_eq!(text::prompt_clean("a & b &unknown; c"), "a & b &unknown; c");
+    // Expected values from Python: html.unescape(html.unescape(s)).
+    for (s, want) in [
+        ("a &amp b", "a & b"),
+        ("&ampx", "&x"),
+        ("&lt;tag&gt;", "<tag>"),
+        ("&amp;amp;", "&"),
+        ("&#39;q&#x27;", "'q'"),
+        ("&hellip", "&hellip"),
+        ("&hellip;", "\u{2026}"),
+        ("&#65", "A"),
+        ("&copy2024", "\u{a9}2024"),
+        ("&apos", "&apos"),
+        ("&times3", "\u{d7}3"),
+    ] {
+        assert_eq!(text::prompt_clean(s), want, "{s:?}");
+    }
 }
 
 #[test]
