@@ -68,7 +68,9 @@ pub fn run(command: VlmCommand) -> Result<()> {
             let images = args
                 .images
                 .iter()
-                .map(|p| image::open(p).with_context(|| format!("cannot read image {}", p.display())))
+                .map(|p| {
+                    image::open(p).with_context(|| format!("cannot read image {}", p.display()))
+                })
                 .collect::<Result<Vec<_>>>()?;
             let mut model = Qwen25Vl::load(&args.model, dtype, &device)
                 .with_context(|| format!("cannot load Qwen2.5-VL from {}", args.model.display()))?;

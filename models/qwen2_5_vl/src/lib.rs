@@ -3,12 +3,15 @@
 //! released layout or the one transformers 5 writes), with parity against
 //! transformers checked on tiny random-weight checkpoints (`tests/parity.rs`).
 
+#![recursion_limit = "256"]
+
 pub mod chat;
 pub mod config;
 mod error;
 pub mod nn;
 pub mod processor;
 pub mod text;
+pub mod tiny;
 
 pub mod vision;
 
@@ -20,6 +23,7 @@ use rand::{Rng, SeedableRng};
 pub use config::{Config, TextConfig, VisionConfig};
 pub use error::Error;
 pub use processor::PreprocessorConfig;
+pub use tiny::{CheckpointSpec, write_checkpoint, write_tiny_checkpoint};
 
 /// What a model folder must hold; each entry is satisfied by any one of its names.
 pub fn required_files() -> &'static [&'static [&'static str]] {

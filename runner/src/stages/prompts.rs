@@ -16,8 +16,8 @@ use std::path::Path;
 use anyhow::{Context, Result, bail};
 use candle_core::DType;
 use kubewan_crds::plan::{SegmentPlan, VlmPlan};
-use kubewan_qwen2_5_vl::{GenerateRequest, Qwen25Vl, Sampling};
 use kubewan_crds::report::{PromptOutcome, ReleaseReport, RunReport};
+use kubewan_qwen2_5_vl::{GenerateRequest, Qwen25Vl, Sampling};
 use serde::{Deserialize, Serialize};
 
 use super::{PROMPTS_FILE, StageCtx};
@@ -79,9 +79,9 @@ pub fn vlm_prompts(ctx: &mut StageCtx<'_>, vlm: &VlmPlan) -> Result<VlmPrompts> 
     };
     let plan = ctx.plan().clone();
     let baseline = ctx.probe.sample();
-    let model = ctx
-        .probe
-        .phase("vlm_load", || Qwen25Vl::load(&model_ref.dir, dtype, &device));
+    let model = ctx.probe.phase("vlm_load", || {
+        Qwen25Vl::load(&model_ref.dir, dtype, &device)
+    });
     let mut model = model.with_context(|| format!("cannot load the VLM {}", vlm.model))?;
     let loaded = ctx.probe.sample();
     ctx.probe.begin("vlm_generate");
