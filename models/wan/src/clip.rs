@@ -107,8 +107,17 @@ impl ClipVision {
     /// Loads `dir/config.json` and `dir/model.safetensors` (or shards). Only the layers the
     /// penultimate hidden states need are read.
     pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
-        let config: ClipVisionConfig =
-            kubewan_model_common::read_json(&dir.join("config.json"), "a CLIP vision config")?;
+        let path = dir.join("config.json");
+        let raw: serde_json::Value =
+            kubewan_model_common::read_json(&path, "a CLIP vision config")?;
+        // A full CLIPConfig nests the vision tower's settings under `vision_config`.
+        let raw = match raw.get("vision_config") {
+            Some(v) if v.is_object() => v.clone(),
+            _ => raw,
+        };
+        let config: ClipVisionConfig = serde_json::from_value(raw).map_err(|e| {
+            Error::msg(format!("{}: not a CLIP vision config: {e}", path.display()))
+        })?;
         let vb = kubewan_model_common::var_builder(dir, "model", dtype, device)?;
         Self::from_var_builder(&config, vb).map_err(|e| match e {
             Error::Candle(source) => Error::model(dir, source),

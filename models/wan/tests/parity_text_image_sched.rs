@@ -422,3 +422,79 @@ fn scheduler_rejects_unsupported_configs() {
     let cfg: kubewan_wan::scheduler::UniPcConfig = serde_json::from_value(v).unwrap();
     assert!(FlowUniPc::new(cfg, None).is_err());
 }
+
+/// The released Wan folders were saved by transformers 4.x: the CLIP weights carry a
+/// `vision_model.` prefix, and the UMT5-XXL weights are sharded with an index. Rebuild the tiny
+/// components in that layout (plus a nested `vision_config` and `encoder.embed_tokens.weight`
+/// instead of `shared.weight`) and check they load and give the same outputs.
+#[test]
+fn released_layouts_load_and_match() {
+    let dir = &data_dirs()[0];
+    let tmp = std::env::temp_dir().join(format!("kubewan-wan-layouts-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+
+    // CLIP: prefixed keys, nested config.
+    let clip_dir = tmp.join("image_encoder");
+    std::fs::create_dir_all(&clip_dir).unwrap();
+    let src = dir.join("model/image_encoder");
+    let weights =
+        candle_core::safetensors::load(src.join("model.safetensors"), &Device::Cpu).unwrap();
+    let prefixed: HashMap<String, Tensor> = weights
+        .into_iter()
+        .map(|(k, v)| (format!("vision_model.{k}"), v))
+        .collect();
+    candle_core::safetensors::save(&prefixed, clip_dir.join("model.safetensors")).unwrap();
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
+    let nested = serde_json::json!({"model_type": "clip", "vision_config": cfg});
+    std::fs::write(clip_dir.join("config.json"), nested.to_string()).unwrap();
+    let g = golden(dir, "clip");
+    let model = ClipVision::load(&clip_dir, DType::F32, &Device::Cpu).unwrap();
+    let h = model.forward_penultimate(&g["two_pixels"]).unwrap();
+    assert_close("clip, transformers 4.x layout", &h, &g["two_hidden"], TOL);
+
+    // UMT5: two shards + index, embed_tokens name.
+    let te_dir = tmp.join("text_encoder");
+    std::fs::create_dir_all(&te_dir).unwrap();
+    let src = dir.join("model/text_encoder");
+    std::fs::copy(src.join("config.json"), te_dir.join("config.json")).unwrap();
+    let mut weights =
+        candle_core::safetensors::load(src.join("model.safetensors"), &Device::Cpu).unwrap();
+    let shared = weights.remove("shared.weight").unwrap();
+    weights.insert("encoder.embed_tokens.weight".into(), shared);
+    let mut names: Vec<String> = weights.keys().cloned().collect();
+    names.sort();
+    let mut map = serde_json::Map::new();
+    let (a, b) = names.split_at(names.len() / 2);
+    for (i, part) in [a, b].iter().enumerate() {
+        let file = format!("model-0000{}-of-00002.safetensors", i + 1);
+        let shard: HashMap<String, Tensor> = part
+            .iter()
+            .map(|k| (k.clone(), weights[k].clone()))
+            .collect();
+        candle_core::safetensors::save(&shard, te_dir.join(&file)).unwrap();
+        for k in part.iter() {
+            map.insert(k.clone(), file.clone().into());
+        }
+    }
+    let index = serde_json::json!({"metadata": {}, "weight_map": map});
+    std::fs::write(
+        te_dir.join("model.safetensors.index.json"),
+        index.to_string(),
+    )
+    .unwrap();
+    let g = golden(dir, "text");
+    let enc = Umt5Encoder::load(&te_dir, DType::F32, &Device::Cpu).unwrap();
+    let hidden = enc
+        .encode(&g["prompt_ids"], Some(&g["prompt_mask"]))
+        .unwrap();
+    assert_close("umt5, sharded layout", &hidden, &g["prompt_hidden"], TOL);
+
+    // A missing shard is reported by name.
+    std::fs::remove_file(te_dir.join("model-00002-of-00002.safetensors")).unwrap();
+    let err = Umt5Encoder::load(&te_dir, DType::F32, &Device::Cpu)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("model-00002-of-00002.safetensors"), "{err}");
+    let _ = std::fs::remove_dir_all(&tmp);
+}
