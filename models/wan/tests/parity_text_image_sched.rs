@@ -498,3 +498,34 @@ fn released_layouts_load_and_match() {
     assert!(err.contains("model-00002-of-00002.safetensors"), "{err}");
     let _ = std::fs::remove_dir_all(&tmp);
 }
+
+/// Half precision (how the released encoders run on a GPU) goes through the same code: the
+/// softmax and norm statistics stay in f32, so the result is close to the f32 reference.
+#[test]
+fn encoders_run_in_bf16_and_f16() {
+    let dir = &data_dirs()[0];
+    let gt = golden(dir, "text");
+    let gc = golden(dir, "clip");
+    for dtype in [DType::BF16, DType::F16] {
+        let enc = Umt5Encoder::load(&dir.join("model/text_encoder"), dtype, &Device::Cpu).unwrap();
+        let h = enc
+            .encode(&gt["prompt_ids"], Some(&gt["prompt_mask"]))
+            .unwrap();
+        assert_eq!(h.dtype(), dtype);
+        let scale = max_abs_diff(
+            &gt["prompt_hidden"],
+            &gt["prompt_hidden"].zeros_like().unwrap(),
+        );
+        let err = max_abs_diff(&h, &gt["prompt_hidden"]);
+        println!("umt5 {dtype:?}: max abs err {err:.3e} (max |x| {scale:.2})");
+        assert!(err < 0.05 * scale, "umt5 {dtype:?}: {err}");
+        let model =
+            ClipVision::load(&dir.join("model/image_encoder"), dtype, &Device::Cpu).unwrap();
+        let h = model.forward_penultimate(&gc["two_pixels"]).unwrap();
+        assert_eq!(h.dtype(), dtype);
+        let scale = max_abs_diff(&gc["two_hidden"], &gc["two_hidden"].zeros_like().unwrap());
+        let err = max_abs_diff(&h, &gc["two_hidden"]);
+        println!("clip {dtype:?}: max abs err {err:.3e} (max |x| {scale:.2})");
+        assert!(err < 0.05 * scale, "clip {dtype:?}: {err}");
+    }
+}
