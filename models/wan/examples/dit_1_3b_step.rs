@@ -95,6 +95,18 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let rss0 = status_kib("VmRSS:") * 1024;
 
     let cfg = WanTransformerConfig::wan_1_3b_i2v();
+    if let Some(dir) = args
+        .iter()
+        .position(|a| a == "--write")
+        .and_then(|i| args.get(i + 1))
+    {
+        return write_weights(std::path::Path::new(dir), &cfg, dtype);
+    }
+    let from = args
+        .iter()
+        .position(|a| a == "--load")
+        .and_then(|i| args.get(i + 1))
+        .map(std::path::PathBuf::from);
     let t0 = Instant::now();
     let bytes = Arc::new(AtomicU64::new(0));
     let count = Arc::new(AtomicU64::new(0));
@@ -102,13 +114,22 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         bytes: bytes.clone(),
         count: count.clone(),
     };
-    let backend: Box<dyn SimpleBackend> = Box::new(backend);
-    let vb = VarBuilder::from_backend(backend, dtype, dev.clone());
-    let model = WanTransformer::new(vb, cfg.clone())?;
+    let model = match &from {
+        None => {
+            let backend: Box<dyn SimpleBackend> = Box::new(backend);
+            let vb = VarBuilder::from_backend(backend, dtype, dev.clone());
+            WanTransformer::new(vb, cfg.clone())?
+        }
+        // The real loader (config.json + safetensors read from disk).
+        Some(dir) => WanTransformer::load(dir, dtype, &dev)?,
+    };
     let load_s = t0.elapsed().as_secs_f64();
-    let params = count.load(Ordering::Relaxed);
-    let weight_bytes = bytes.load(Ordering::Relaxed);
-    assert_eq!(params, count_params(&cfg), "parameter count");
+    let params = count_params(&cfg);
+    let weight_bytes = params * dtype.size_in_bytes() as u64;
+    if from.is_none() {
+        assert_eq!(params, count.load(Ordering::Relaxed), "parameter count");
+        assert_eq!(weight_bytes, bytes.load(Ordering::Relaxed));
+    }
     let rss_loaded = status_kib("VmRSS:") * 1024;
 
     let lat_t = (frames - 1) / 4 + 1;
@@ -149,7 +170,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let hwm = status_kib("VmHWM:") * 1024;
     let rss_end = status_kib("VmRSS:") * 1024;
     let tokens = lat_t * (lh / 2) * (lw / 2);
-    println!("Wan2.1-1.3B-shaped DiT (+ I2V image branch), random weights, CPU, {dtype:?}");
+    println!(
+        "Wan2.1-1.3B-shaped DiT (+ I2V image branch), random weights {}, CPU, {dtype:?}",
+        match &from {
+            Some(d) => format!("loaded from {} (WanTransformer::load)", d.display()),
+            None => "generated in memory".to_string(),
+        }
+    );
     println!(
         "  video {width}x{height}, {frames} frames -> latents {:?}, {tokens} tokens",
         latents.dims()
@@ -207,4 +234,57 @@ fn count_params(c: &WanTransformerConfig) -> u64 {
     n += c.num_layers as u64 * block;
     n += lin(d, c.out_channels() as u64 * p) + 2 * d;
     n
+}
+
+/// Writes random weights with the given config as a diffusers `transformer/` folder
+/// (`config.json` + `diffusion_pytorch_model.safetensors`).
+fn write_weights(
+    dir: &std::path::Path,
+    cfg: &WanTransformerConfig,
+    dtype: DType,
+) -> Result<(), Box<dyn std::error::Error>> {
+    use std::sync::Mutex;
+    struct Recorder(
+        Arc<Mutex<std::collections::HashMap<String, Tensor>>>,
+        RandomWeights,
+    );
+    impl SimpleBackend for Recorder {
+        fn get(
+            &self,
+            s: Shape,
+            name: &str,
+            h: candle_nn::Init,
+            dtype: DType,
+            dev: &Device,
+        ) -> candle_core::Result<Tensor> {
+            let t = self.1.get(s, name, h, dtype, dev)?;
+            self.0.lock().unwrap().insert(name.to_string(), t.clone());
+            Ok(t)
+        }
+        fn get_unchecked(&self, name: &str, d: DType, dev: &Device) -> candle_core::Result<Tensor> {
+            self.1.get_unchecked(name, d, dev)
+        }
+        fn contains_tensor(&self, _: &str) -> bool {
+            true
+        }
+    }
+    std::fs::create_dir_all(dir)?;
+    let map = Arc::new(Mutex::new(std::collections::HashMap::new()));
+    let rec = Recorder(
+        map.clone(),
+        RandomWeights {
+            bytes: Arc::new(AtomicU64::new(0)),
+            count: Arc::new(AtomicU64::new(0)),
+        },
+    );
+    let backend: Box<dyn SimpleBackend> = Box::new(rec);
+    let vb = VarBuilder::from_backend(backend, dtype, Device::Cpu);
+    // Building the model requests (and so records) every weight it has, under its real name.
+    drop(WanTransformer::new(vb, cfg.clone())?);
+    let map = std::mem::take(&mut *map.lock().unwrap());
+    // The model keeps reshaped views of a few weights (the patch embedding); store the originals.
+    candle_core::safetensors::save(&map, dir.join("diffusion_pytorch_model.safetensors"))?;
+    std::fs::write(dir.join("config.json"), serde_json::to_string_pretty(cfg)?)?;
+    println!("wrote {} tensors to {}", map.len(), dir.display());
+    Ok(())
 }

@@ -11,10 +11,10 @@ use std::path::Path;
 
 use candle_core::{D, DType, Device, Module, Result, Tensor};
 use candle_nn::{Linear, VarBuilder};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// `transformer/config.json`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct WanTransformerConfig {
     #[serde(default = "default_patch")]
     pub patch_size: Vec<usize>,
@@ -561,7 +561,7 @@ impl WanTransformer {
     pub fn load(dir: &Path, dtype: DType, device: &Device) -> crate::Result<Self> {
         let config: WanTransformerConfig =
             kubewan_model_common::read_json(&dir.join("config.json"), "a Wan transformer config")?;
-        let vb = kubewan_model_common::var_builder(dir, "diffusion_pytorch_model", dtype, device)?;
+        let vb = crate::weights::var_builder(dir, "diffusion_pytorch_model", dtype, device)?;
         Ok(Self::new(vb, config).map_err(|e| crate::Error::model(dir, e))?)
     }
 
