@@ -133,10 +133,18 @@ pub fn generate(args: &VideoGenerateArgs) -> Result<()> {
         seed: args.seed.unwrap_or(0),
         latents,
     };
+    if !args.width.is_multiple_of(16) || !args.height.is_multiple_of(16) {
+        bail!(
+            "--width and --height must be multiples of 16 (got {}x{}), as the pipeline requires",
+            args.width,
+            args.height
+        );
+    }
     let (f, h, w) = req.adjusted();
-    if (f, h, w) != (req.frames, req.height, req.width) {
+    if f != req.frames {
         eprintln!(
-            "warning: adjusted to {f} frames of {w}x{h} (frames 4N+1, sizes multiples of 16), as diffusers does"
+            "warning: {} frames rounded to {f} (4N+1), as diffusers does",
+            req.frames
         );
     }
     let frames = pipe.generate(&req, &args.prompt, args.negative_prompt.as_deref())?;

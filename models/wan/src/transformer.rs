@@ -562,7 +562,7 @@ impl WanTransformer {
         let config: WanTransformerConfig =
             kubewan_model_common::read_json(&dir.join("config.json"), "a Wan transformer config")?;
         let vb = crate::weights::var_builder(dir, "diffusion_pytorch_model", dtype, device)?;
-        Ok(Self::new(vb, config).map_err(|e| crate::Error::model(dir, e))?)
+        Self::new(vb, config).map_err(|e| crate::Error::model(dir, e))
     }
 
     pub fn dtype(&self) -> DType {
