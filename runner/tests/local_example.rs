@@ -109,11 +109,18 @@ fn the_example_job_runs_locally_and_writes_a_playable_video() {
             .iter()
             .any(|p| p.name == "stitch" && p.peak_rss_bytes > 0)
     );
-    // The VLM is not built yet: every pair fell back, and the status says why.
+    // The tiny VLM wrote the prompts (any pair that fell back says why), and
+    // its release was measured.
     let prompts = status.prompts.as_ref().unwrap();
     assert_eq!(prompts.phase, StepPhase::Succeeded);
-    assert_eq!(status.prompt_fallbacks.len(), 2, "{stdout}");
-    assert!(status.prompt_fallbacks[0].reason.is_some());
+    assert!(status.prompt_fallbacks.iter().all(|p| p.reason.is_some()), "{stdout}");
+    let vlm = prompts.report.as_ref().unwrap();
+    let names: Vec<&str> = vlm.phases.iter().map(|p| p.name.as_str()).collect();
+    for phase in ["vlm_load", "vlm_generate", "vlm_release"] {
+        assert!(names.contains(&phase), "{names:?}");
+    }
+    assert!(vlm.release.is_some(), "{stdout}");
+    assert!(memory.vlm_ram_freed.is_some(), "{stdout}");
 
     // Plan: 2 segments of 33 frames, overlap 8 → 58 frames of 320x192.
     let video = out_dir.join(&output);

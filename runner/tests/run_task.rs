@@ -218,3 +218,61 @@ fn a_chained_segment_without_its_predecessor_tail_says_so() {
     let msg = v.termination_report().message.unwrap();
     assert!(msg.contains("not a readable safetensors"), "{msg}");
 }
+
+#[test]
+fn prompts_written_for_another_plan_are_not_reused() {
+    use kubewan_runner::stages::{PROMPTS_PLAN_FILE, plan_fingerprint};
+    let v = Volumes::new();
+    two_keyframes(&v);
+    let write_prompts = |marker: &str, text: &str| {
+        let file = kubewan_runner::stages::prompts::PromptsFile {
+            prompts: vec![kubewan_crds::report::PromptOutcome {
+                segment: 0,
+                prompt: text.into(),
+                ..Default::default()
+            }],
+        };
+        std::fs::create_dir_all(v.job_dir()).unwrap();
+        std::fs::write(
+            v.job_dir().join("prompts.json"),
+            serde_json::to_string(&file).unwrap(),
+        )
+        .unwrap();
+        std::fs::write(v.job_dir().join(PROMPTS_PLAN_FILE), marker).unwrap();
+    };
+    // prompts.json from an earlier version of the job (other keyframes).
+    let old = plan(
+        "keyframes: [a.png, z.png]\nframes: 9\noverlap: 0\nresolution: 64x48\nmodel: {name: preview}",
+    );
+    write_prompts(&plan_fingerprint(&old), "a stale prompt");
+    let current = plan(
+        "keyframes: [a.png, b.png]\nframes: 9\noverlap: 0\nresolution: 64x48\nmodel: {name: preview}\nprompt: the real prompt",
+    );
+    let seg0 = serde_json::to_string(&task(&current, Stage::Segment, Some(0))).unwrap();
+    let out = v.run_task(&seg0);
+    assert!(out.status.success(), "{}", text(&out));
+    let report = v.termination_report();
+    assert_eq!(report.prompts[0].prompt, "the real prompt");
+    assert!(
+        report
+            .warnings
+            .iter()
+            .any(|w| w.contains("not written for this version")),
+        "{report:?}"
+    );
+    // Written for this plan, it is used.
+    write_prompts(&plan_fingerprint(&current), "written by the VLM");
+    let out = v.run_task(&seg0);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(
+        v.termination_report().prompts[0].prompt,
+        "written by the VLM"
+    );
+    // With the VLM off, prompts.json is never read.
+    let no_vlm = plan(
+        "keyframes: [a.png, b.png]\nframes: 9\noverlap: 0\nresolution: 64x48\nmodel: {name: preview}\nprompt: own prompt\nenhancePrompt: {enabled: false}",
+    );
+    let out = v.run_task(&serde_json::to_string(&task(&no_vlm, Stage::Segment, Some(0))).unwrap());
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(v.termination_report().prompts[0].prompt, "own prompt");
+}

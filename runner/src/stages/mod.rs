@@ -28,6 +28,10 @@ use crate::video::Frame;
 
 /// The prompts stage's output: every segment's prompt (full text).
 pub const PROMPTS_FILE: &str = "prompts.json";
+/// Written next to `prompts.json` after the prompts stage succeeded: the
+/// fingerprint of the plan the prompts were written for, so a segment never
+/// uses prompts from an earlier, different version of the job.
+pub const PROMPTS_PLAN_FILE: &str = "prompts.plan";
 /// The final stitched video.
 pub const FINAL_VIDEO: &str = "travel.mp4";
 
@@ -40,6 +44,23 @@ pub fn segment_video(i: u32) -> String {
 /// chained mode: safetensors tensor `frames`, f32 `[overlap,H,W,3]` in 0..1.
 pub fn segment_tail(i: u32) -> String {
     format!("segment-{i}.tail.safetensors")
+}
+
+/// A stable fingerprint (FNV-1a, hex) of what the prompts depend on: the
+/// segments (keyframes, frames, own prompts), the overall prompt, fps and the VLM.
+pub fn plan_fingerprint(plan: &Plan) -> String {
+    let basis = serde_json::json!({
+        "segments": plan.segments,
+        "prompt": plan.prompt,
+        "vlm": plan.vlm,
+        "fps": plan.fps,
+    });
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in basis.to_string().bytes() {
+        hash ^= u64::from(b);
+        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    format!("{hash:016x}")
 }
 
 /// Where a stage finds its volumes.
@@ -220,7 +241,17 @@ pub fn run(task: &Task, mounts: &Mounts, progress: &dyn Progress) -> StageOutcom
             progress,
         };
         match task.stage {
-            Stage::Prompts => prompts::run(&mut ctx, base.clone()),
+            Stage::Prompts => {
+                // A rerun must not leave an older version's prompts marked current.
+                let marker = ctx.job_file(PROMPTS_PLAN_FILE);
+                if marker.exists() {
+                    std::fs::remove_file(&marker)
+                        .with_context(|| format!("cannot remove {}", marker.display()))?;
+                }
+                let report = prompts::run(&mut ctx, base.clone())?;
+                crate::fsutil::write_atomic(&marker, plan_fingerprint(&task.plan).as_bytes())?;
+                Ok(report)
+            }
             Stage::Segment => segment::run(&mut ctx, base.clone()),
             Stage::Stitch => stitch::run(&mut ctx, base.clone()),
         }

@@ -8,7 +8,9 @@ use kubewan_crds::report::{PromptOutcome, RunReport};
 
 use super::prompts::PromptsFile;
 use super::segment_wan::{self, WanSegmentJob};
-use super::{StageCtx, segment_tail, segment_video};
+use super::{
+    PROMPTS_FILE, PROMPTS_PLAN_FILE, StageCtx, plan_fingerprint, segment_tail, segment_video,
+};
 use crate::ckpts::ModelKind;
 use crate::preview;
 use crate::probe::phases;
@@ -27,8 +29,21 @@ pub fn run(ctx: &mut StageCtx<'_>, mut report: RunReport) -> Result<RunReport> {
         .with_context(|| format!("segment {i} is not in the plan"))?
         .clone();
 
-    // The prompt: written by the prompts stage, else the segment's own.
-    let written = PromptsFile::read(&ctx.job_dir)?;
+    // The prompt: written by the prompts stage for this very plan, else the segment's own.
+    let written = if plan.vlm.is_some() {
+        let marker = std::fs::read_to_string(ctx.job_file(PROMPTS_PLAN_FILE)).unwrap_or_default();
+        let file = PromptsFile::read(&ctx.job_dir)?;
+        if file.is_some() && marker.trim() != plan_fingerprint(&plan) {
+            report.warnings.push(format!(
+                "{PROMPTS_FILE} was not written for this version of the job; segment {i} uses its own prompt"
+            ));
+            None
+        } else {
+            file
+        }
+    } else {
+        None
+    };
     let used = written
         .as_ref()
         .and_then(|f| f.prompt_for(i).cloned())
