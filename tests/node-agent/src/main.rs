@@ -201,7 +201,7 @@ async fn main() -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,kube=warn".into()),
+                .unwrap_or_else(|_| "info,kube=warn,kubewan_node_agent=info".into()),
         )
         .with_writer(std::io::stderr)
         .init();
