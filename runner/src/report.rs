@@ -114,7 +114,7 @@ pub fn summary(report: &RunReport) -> String {
     ));
     for p in &report.phases {
         out.push_str(&format!(
-            "  {:<13} {:>7.2}s  RSS {} -> {} (peak {}){}\n",
+            "  {:<16} {:>7.2}s  RSS {} -> {} (peak {}){}\n",
             p.name,
             p.seconds,
             human_bytes(p.start.rss_bytes),

@@ -113,7 +113,10 @@ fn the_example_job_runs_locally_and_writes_a_playable_video() {
     // its release was measured.
     let prompts = status.prompts.as_ref().unwrap();
     assert_eq!(prompts.phase, StepPhase::Succeeded);
-    assert!(status.prompt_fallbacks.iter().all(|p| p.reason.is_some()), "{stdout}");
+    assert!(
+        status.prompt_fallbacks.iter().all(|p| p.reason.is_some()),
+        "{stdout}"
+    );
     let vlm = prompts.report.as_ref().unwrap();
     let names: Vec<&str> = vlm.phases.iter().map(|p| p.name.as_str()).collect();
     for phase in ["vlm_load", "vlm_generate", "vlm_release"] {

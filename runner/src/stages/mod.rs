@@ -221,8 +221,8 @@ pub fn run(task: &Task, mounts: &Mounts, progress: &dyn Progress) -> StageOutcom
                 .as_ref()
                 .map(|v| v.model.clone())
                 .unwrap_or_default(),
-            Stage::Segment => task.plan.video_model.clone(),
-            Stage::Stitch => String::new(),
+            // The stitch uses no model; it stitches the video model's segments.
+            Stage::Segment | Stage::Stitch => task.plan.video_model.clone(),
         },
         preview: preview || (task.stage == Stage::Stitch && task.plan.video_model == PREVIEW_MODEL),
         ..Default::default()

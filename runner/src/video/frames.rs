@@ -41,15 +41,13 @@ impl Frame {
                 b.height
             );
         }
+        // Fixed point (1/65536 steps): exact at alpha 0 and 1, fast without optimisation.
+        let w = (alpha.clamp(0.0, 1.0) * 65536.0).round() as u32;
         let rgb = a
             .rgb
             .iter()
             .zip(&b.rgb)
-            .map(|(&x, &y)| {
-                ((1.0 - alpha) * x as f32 + alpha * y as f32)
-                    .round()
-                    .clamp(0.0, 255.0) as u8
-            })
+            .map(|(&x, &y)| ((x as u32 * (65536 - w) + y as u32 * w + 32768) >> 16) as u8)
             .collect();
         Ok(Frame {
             width: a.width,
