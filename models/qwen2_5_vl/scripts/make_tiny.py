@@ -6,6 +6,12 @@ Run by hand with the kubewan venv (torch + transformers 5.x):
     ~/.cache/kubewan/venv/bin/python models/qwen2_5_vl/scripts/make_tiny.py            # committed set
     ~/.cache/kubewan/venv/bin/python models/qwen2_5_vl/scripts/make_tiny.py \
         --held-back /tmp/qwen-heldback --seed 777                                      # held-back set
+    ~/.cache/kubewan/venv/bin/python models/qwen2_5_vl/scripts/make_tiny.py \
+        --held-back /tmp/qwen-random --random 6 --seed 31                              # 6 random architectures
+
+then check them with
+    KUBEWAN_QWEN_GOLDENS=/tmp/qwen-heldback cargo test -p kubewan-qwen2-5-vl --test parity held_back -- --nocapture
+    python3 models/qwen2_5_vl/scripts/check_held_back.py /tmp/qwen-heldback          # through `kubewan-runner vlm generate`
 
 Each checkpoint folder is written in one of two on-disk layouts:
   * "released": the Qwen/Qwen2.5-VL-*-Instruct layout: flat config.json (text
@@ -391,6 +397,34 @@ HELD_BACK = [
 ]
 
 
+def random_spec(rng, i):
+    """A random tiny architecture (for --random N): sizes, heads, GQA, windows, patch, tie, layout."""
+    while True:
+        heads = int(rng.choice([1, 2, 3, 4, 5, 6, 8]))
+        head_dim = int(rng.choice([8, 12, 16]))
+        kv = int(rng.choice([d for d in range(1, heads + 1) if heads % d == 0]))
+        half = head_dim // 2
+        a = int(rng.integers(1, half - 1))
+        b = int(rng.integers(1, half - a))
+        mrope = [a, b, half - a - b]
+        v_heads = int(rng.choice([1, 2, 3, 4]))
+        v_hd = int(rng.choice([8, 12, 16]))
+        patch = int(rng.choice([7, 14]))
+        depth = int(rng.integers(1, 5))
+        n_full = int(rng.integers(0, depth + 1))
+        fullatt = sorted(int(x) for x in rng.choice(depth, size=n_full, replace=False))
+        window = int(rng.choice([2, 3, 4, 5])) * 2 * patch
+        lo = patch * 2
+        spec = dict(name=f"rand{i}-{'tied' if i % 2 else 'untied'}", layout=str(rng.choice(["released", "v5"])),
+                    shards=int(rng.integers(1, 4)), tied=bool(i % 2), hidden=heads * head_dim,
+                    inter=int(rng.integers(16, 129)), layers=int(rng.integers(1, 4)), heads=heads, kv_heads=kv,
+                    mrope_section=mrope, v_depth=depth, v_hidden=v_heads * v_hd, v_inter=int(rng.integers(16, 97)),
+                    v_heads=v_heads, patch=patch, window=window, fullatt=fullatt,
+                    min_pixels=lo * lo * int(rng.integers(1, 5)), max_pixels=lo * lo * int(rng.integers(20, 90)))
+        if spec["min_pixels"] < spec["max_pixels"]:
+            return spec
+
+
 def cases_for(names):
     big, resized, small, huge = names
     return [
@@ -408,9 +442,14 @@ def main():
     ap.add_argument("--out", default=os.path.join(here, "..", "tests", "data"))
     ap.add_argument("--held-back", default=None, help="write the held-back set to this folder instead")
     ap.add_argument("--seed", type=int, default=1234)
+    ap.add_argument("--random", type=int, default=0,
+                    help="with --held-back: N random architectures instead of the fixed held-back set")
     args = ap.parse_args()
     root = os.path.abspath(args.held_back or args.out)
     specs = HELD_BACK if args.held_back else COMMITTED
+    if args.held_back and args.random:
+        spec_rng = np.random.default_rng(args.seed + 1)
+        specs = [random_spec(spec_rng, i) for i in range(args.random)]
     os.makedirs(root, exist_ok=True)
     rng = np.random.default_rng(args.seed)
     tok = build_tokenizer(vocab_size=400 if not args.held_back else 700)
@@ -419,6 +458,8 @@ def main():
     # big: several windows; resized: not a multiple of 28; small; huge: above max_pixels
     sizes = [(168, 112), (150, 100), (84, 56), (300, 230)] if not args.held_back else \
         [(224, 168), (131, 97), (60, 90), (400, 260)]
+    if args.held_back and args.random:
+        sizes = [(int(rng.integers(100, 330)), int(rng.integers(60, 250))) for _ in range(4)]
     names = make_images(image_dir, rng, sizes)
     if not args.held_back:
         # Pillow references for the Rust resize test (both of Pillow 13's pass orders)

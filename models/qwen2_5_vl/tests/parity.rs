@@ -149,3 +149,35 @@ fn held_back() {
     assert!(r.failures.is_empty(), "{}", r.failures.join("\n"));
     assert!(r.cases > 0);
 }
+
+/// bf16 / f16 loading: same prompt, logits close to f32 (loose: half precision).
+#[test]
+fn half_precision_dtypes_track_f32() {
+    let dir = data_dir().join("tiny-released-untied-gqa");
+    let img = image::open(data_dir().join("images/img0_168x112.png")).unwrap();
+    let req = GenerateRequest {
+        system: None,
+        images: vec![img],
+        prompt: "Describe this image.".into(),
+        max_new_tokens: 3,
+        sampling: Sampling::Greedy,
+    };
+    let mut f32_model = Qwen25Vl::load(&dir, DType::F32, &Device::Cpu).unwrap();
+    let reference = f32_model.first_logits(&req).unwrap();
+    let scale = reference.iter().fold(0f32, |m, x| m.max(x.abs()));
+    for dtype in [DType::BF16, DType::F16] {
+        let mut m = Qwen25Vl::load(&dir, dtype, &Device::Cpu).unwrap();
+        let logits = m.first_logits(&req).unwrap();
+        let worst = logits
+            .iter()
+            .zip(&reference)
+            .fold(0f32, |w, (a, b)| w.max((a - b).abs()));
+        eprintln!("{dtype:?}: worst |logit - f32| = {worst:.4} (scale {scale:.2})");
+        assert!(worst < 0.08 * scale, "{dtype:?}: {worst} vs scale {scale}");
+        let out = m.generate(&req).unwrap();
+        assert_eq!(
+            out.prompt_token_ids,
+            f32_model.generate(&req).unwrap().prompt_token_ids
+        );
+    }
+}
