@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{ObjectReference, Pod};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams, PropagationPolicy};
 use kube::runtime::controller::{Action, Controller};
@@ -109,6 +109,7 @@ pub async fn reconcile(job: Arc<TravelJob>, ctx: Arc<Context>) -> Result<Action>
                             "created pod {pod_name} for {} (attempt {attempt})",
                             crate::status::step_name(step)
                         ),
+                        pod: Some(pod_name.clone()),
                     });
                 }
                 // Deterministic names: the pod is already there (a stale cache
@@ -134,6 +135,7 @@ pub async fn reconcile(job: Arc<TravelJob>, ctx: Arc<Context>) -> Result<Action>
                         reason: "PodRejected".into(),
                         action: "CreatePod".into(),
                         note: message,
+                        pod: Some(pod_name.clone()),
                     });
                     break;
                 }
@@ -167,7 +169,13 @@ pub async fn reconcile(job: Arc<TravelJob>, ctx: Arc<Context>) -> Result<Action>
             reason: ev.reason.clone(),
             note: Some(kubewan_crds::report::shorten(&ev.note, 1000)),
             action: ev.action.clone(),
-            secondary: None,
+            secondary: ev.pod.as_ref().map(|pod| ObjectReference {
+                api_version: Some("v1".into()),
+                kind: Some("Pod".into()),
+                name: Some(pod.clone()),
+                namespace: Some(ns.clone()),
+                ..Default::default()
+            }),
         };
         if let Err(e) = ctx.recorder.publish(&event, &reference).await {
             tracing::warn!(job = %name, error = %e, reason = %ev.reason, "could not publish event");

@@ -40,6 +40,9 @@ pub struct EventSpec {
     pub reason: String,
     pub action: String,
     pub note: String,
+    /// The pod the event is about, if any (the event's `related` object; it
+    /// also keeps events about different pods from being merged into one series).
+    pub pod: Option<String>,
 }
 
 impl EventSpec {
@@ -49,7 +52,12 @@ impl EventSpec {
             reason: reason.into(),
             action: "Reconcile".into(),
             note,
+            pod: None,
         }
+    }
+    fn about(mut self, pod: Option<String>) -> Self {
+        self.pod = pod;
+        self
     }
     fn warning(reason: &str, note: String) -> Self {
         EventSpec {
@@ -57,6 +65,7 @@ impl EventSpec {
             reason: reason.into(),
             action: "Reconcile".into(),
             note,
+            pod: None,
         }
     }
 }
@@ -343,23 +352,26 @@ fn transitions(
         }
         let msg = s.status.message.clone().unwrap_or_default();
         match s.phase {
-            StepPhase::Retrying => events.push(EventSpec::warning(
-                "BackOff",
-                format!("{} {msg}", step_name(s.step)),
-            )),
-            StepPhase::Failed => events.push(EventSpec::warning(
-                "StepFailed",
-                format!("{} {msg}", step_name(s.step)),
-            )),
+            StepPhase::Retrying => events.push(
+                EventSpec::warning("BackOff", format!("{} {msg}", step_name(s.step)))
+                    .about(s.status.pod.clone()),
+            ),
+            StepPhase::Failed => events.push(
+                EventSpec::warning("StepFailed", format!("{} {msg}", step_name(s.step)))
+                    .about(s.status.pod.clone()),
+            ),
             StepPhase::Succeeded if before.map(|b| b.phase) != Some(StepPhase::Succeeded) => events
-                .push(EventSpec::normal(
-                    "StepSucceeded",
-                    format!(
-                        "{} succeeded (pod {})",
-                        step_name(s.step),
-                        s.status.pod.clone().unwrap_or_default()
-                    ),
-                )),
+                .push(
+                    EventSpec::normal(
+                        "StepSucceeded",
+                        format!(
+                            "{} succeeded (pod {})",
+                            step_name(s.step),
+                            s.status.pod.clone().unwrap_or_default()
+                        ),
+                    )
+                    .about(s.status.pod.clone()),
+                ),
             _ => {}
         }
     }

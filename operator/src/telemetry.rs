@@ -10,8 +10,13 @@ pub enum LogFormat {
 }
 
 pub fn init(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new("info,kube=warn,kube_runtime=info"));
+    // Note: a directive matches targets by prefix, so `kube=` would also
+    // silence `kubewan_operator`; name kube's crates in full.
+    let filter = std::env::var("RUST_LOG")
+        .ok()
+        .filter(|v| !v.trim().is_empty())
+        .map(EnvFilter::new)
+        .unwrap_or_else(|| EnvFilter::new("info,kube_client=warn"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

@@ -1,0 +1,165 @@
+//! Failures: a failing pod is retried then fails the job with a clear message
+//! and nothing downstream starts; invalid TravelJobs are rejected by the CRD
+//! schema or failed by the operator's validation, with clear messages.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use kube::ResourceExt;
+use kubewan_crds::status::{JobPhase, StepPhase};
+use kubewan_e2e::*;
+
+#[tokio::test]
+async fn a_failing_pod_is_retried_then_fails_the_job_and_the_stitch_never_starts() {
+    let client = client().await;
+    let ns = "e2e-failure";
+    fresh_namespace(&client, ns).await.unwrap();
+    let mut job = example();
+    job.metadata.name = Some("broken".into());
+    job.spec.keyframes[1] = "keyframes/does-not-exist.png".into();
+    job.spec.enhance_prompt.enabled = false;
+    job.spec.backoff_limit = 1;
+    create_job(&client, ns, &job).await.unwrap();
+
+    let job = wait_job(
+        &client,
+        ns,
+        "broken",
+        Duration::from_secs(300),
+        "finished",
+        |j| j.status.as_ref().is_some_and(|s| s.phase.is_finished()),
+    )
+    .await
+    .unwrap();
+    let status = job.status.clone().unwrap();
+    let message = status.message.clone().unwrap_or_default();
+    println!("message: {message}");
+    assert_eq!(status.phase, JobPhase::Failed, "{message}");
+    assert!(
+        message.starts_with("segment 0 failed after 2 attempts (pod broken-seg-0-2)"),
+        "{message}"
+    );
+    assert!(
+        message.contains("does-not-exist.png"),
+        "the pod's own message is included: {message}"
+    );
+    assert!(
+        message.contains("not started: segment 1, stitch"),
+        "{message}"
+    );
+    let failed = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Failed")
+        .unwrap();
+    assert_eq!(
+        (failed.status.as_str(), failed.reason.as_str()),
+        ("True", "BackoffLimitExceeded")
+    );
+    assert_eq!(status.segments[0].step.phase, StepPhase::Failed);
+    assert_eq!(status.segments[0].step.attempts, 2);
+    assert_eq!(status.segments[1].step.phase, StepPhase::Pending);
+    assert_eq!(status.stitch.as_ref().unwrap().phase, StepPhase::Pending);
+
+    // Exactly the two attempts of segment 0 ran; no dependant was created.
+    let names: BTreeSet<String> = job_pods(&client, ns, "broken")
+        .await
+        .unwrap()
+        .iter()
+        .map(|p| p.name_any())
+        .collect();
+    assert_eq!(
+        names,
+        BTreeSet::from(["broken-seg-0-1".to_string(), "broken-seg-0-2".to_string()])
+    );
+
+    let events = events_of(&client, ns, "broken").await.unwrap();
+    let reasons: BTreeSet<String> = events.iter().filter_map(|e| e.reason.clone()).collect();
+    assert!(
+        reasons.contains("BackOff") && reasons.contains("Failed"),
+        "{reasons:?}"
+    );
+
+    // It stays failed: no late pod appears.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(job_pods(&client, ns, "broken").await.unwrap().len(), 2);
+}
+
+#[tokio::test]
+async fn the_crd_schema_rejects_a_job_with_one_keyframe() {
+    let client = client().await;
+    let ns = "e2e-invalid-schema";
+    fresh_namespace(&client, ns).await.unwrap();
+    let yaml = "apiVersion: kubewan.dev/v1alpha1\nkind: TravelJob\nmetadata: {name: lonely}\nspec:\n  keyframes: [keyframes/01-sunrise.png]\n  checkpoints: {hostPath: {path: /var/lib/kubewan/ckpts}}\n  inputs: {hostPath: {path: /var/lib/kubewan/inputs}}\n  output: {volume: {hostPath: {path: /var/lib/kubewan/output}}}\n";
+    let file = std::env::temp_dir().join("kubewan-e2e-lonely.yaml");
+    std::fs::write(&file, yaml).unwrap();
+    let out = kubectl(&["apply", "-n", ns, "-f", file.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    println!("{stderr}");
+    assert!(!out.status.success(), "a single keyframe must be rejected");
+    assert!(
+        stderr.contains("spec.keyframes") && stderr.contains("at least 2"),
+        "{stderr}"
+    );
+}
+
+#[tokio::test]
+async fn the_operator_fails_an_invalid_job_naming_every_problem() {
+    let client = client().await;
+    let ns = "e2e-invalid";
+    fresh_namespace(&client, ns).await.unwrap();
+    let mut job = example();
+    job.metadata.name = Some("escape".into());
+    job.spec.keyframes = vec!["../../etc/passwd".into(), "keyframes/02-hills.png".into()];
+    job.spec.prompts.clear();
+    job.spec.model.name = "/models/wan".into();
+    // Passes the schema (the v1.20 API server ignores CEL rules): the operator
+    // is what rejects it.
+    create_job(&client, ns, &job).await.unwrap();
+    let job = wait_job(
+        &client,
+        ns,
+        "escape",
+        Duration::from_secs(60),
+        "Failed",
+        |j| {
+            j.status
+                .as_ref()
+                .is_some_and(|s| s.phase == JobPhase::Failed)
+        },
+    )
+    .await
+    .unwrap();
+    let status = job.status.unwrap();
+    let message = status.message.unwrap();
+    println!("message: {message}");
+    assert!(message.starts_with("invalid TravelJob: "), "{message}");
+    assert!(
+        message.contains("spec.keyframes[0]") && message.contains("'..'"),
+        "{message}"
+    );
+    assert!(
+        message.contains("spec.model.name") && message.contains("absolute"),
+        "{message}"
+    );
+    let failed = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Failed")
+        .unwrap();
+    assert_eq!(failed.reason, "InvalidSpec");
+    assert!(
+        job_pods(&client, ns, "escape").await.unwrap().is_empty(),
+        "no pod for an invalid job"
+    );
+    let events = events_of(&client, ns, "escape").await.unwrap();
+    assert!(
+        events
+            .iter()
+            .any(|e| e.reason.as_deref() == Some("InvalidSpec")
+                && e.type_.as_deref() == Some("Warning")),
+        "{events:?}"
+    );
+    let describe = kubectl_ok(&["describe", "tj", "-n", ns, "escape"]);
+    assert!(describe.contains("InvalidSpec"), "{describe}");
+}
