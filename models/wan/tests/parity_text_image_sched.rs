@@ -197,6 +197,34 @@ fn prompt_clean_matches_diffusers() {
     ] {
         assert_eq!(text::prompt_clean(s), want, "{s:?}");
     }
+    // ftfy.fix_text's deterministic fixes; expected values from diffusers' prompt_clean (ftfy 6.3.1).
+    for (s, want) in [
+        (
+            "\u{201c}Hello\u{201d} \u{2018}world\u{2019} \u{201b}x\u{201f}",
+            "\"Hello\" 'world' 'x\"",
+        ),
+        (
+            "\u{fb01}ne \u{fb02}ow \u{fb03} \u{0132}ssel \u{01c6}",
+            "fine flow ffi IJssel d\u{17e}",
+        ),
+        (
+            "\u{ff21}\u{ff22}\u{ff23}\u{ff11}\u{ff12}\u{ff13}\u{ff01}\u{3000}\u{ff58}",
+            "ABC123! x",
+        ),
+        ("a\r\nb\u{2028}c", "a b c"),
+        ("x\u{0}y\u{7}z\u{7f}\u{206a}w\u{feff}\u{fff9}", "xyzw"),
+        ("\u{1b}[31mred\u{1b}[0m text", "red text"),
+        (
+            "C1 \u{93}quoted\u{94} \u{80} \u{81}",
+            "C1 \"quoted\" \u{20ac} \u{81}",
+        ),
+        ("&amp;amp;amp; deep", "& deep"),
+        ("<b>&amp;amp;amp;</b>", "<b>&amp;</b>"),
+        ("tab\tand   spaces  ", "tab and spaces"),
+        ("\u{2bc}n x", "'n x"),
+    ] {
+        assert_eq!(text::prompt_clean(s), want, "{s:?}");
+    }
 }
 
 #[test]
