@@ -16,7 +16,17 @@ Run by hand (not in CI), from the repository root:
     ~/.cache/kubewan/venv/bin/python models/wan/scripts/make_tiny.py --held-back OUT_DIR --seed N
         -> OUT_DIR/held-flf2v-N and OUT_DIR/held-i2v-N: other sizes / head counts, never committed
 
-Versions used for the committed data: Python 3.11, torch 2.15.0 (CPU), transformers 5.24.0,
+The output is deterministic (same bytes on a rerun). To run the component parity tests on held-back
+pipelines as well:
+
+    KUBEWAN_WAN_PARITY_DIRS=OUT_DIR/held-flf2v-N:OUT_DIR/held-i2v-N \
+        cargo test -p kubewan-wan --test parity_text_image_sched
+
+and for the frames, `kubewan-runner video generate --model OUT_DIR/held-flf2v-N/model ...` with the
+values of golden/meta.json, `--latents golden/latents.safetensors`, compared to golden/frames.safetensors.
+
+Setup: the venv at ~/.cache/kubewan/venv plus `pip install ftfy`. Versions used for the committed
+data: Python 3.11, torch 2.15.0 (CPU), transformers 5.24.0,
 diffusers 0.42.1, tokenizers 0.23.3, pillow 13.0.0, numpy 2.4.6, ftfy 6.3.1 (the pipeline's
 prompt_clean needs ftfy; without it diffusers raises NameError).
 
@@ -32,7 +42,7 @@ Layout of each output directory:
   golden/text.safetensors              UMT5: ids, mask, raw last_hidden_state, pipeline prompt embeds
   golden/clip.safetensors              CLIP: pixel values and penultimate hidden states (1 and 2 images)
   golden/resize.safetensors            Pillow resizes of clip_b.png (u8 [h,w,3]) for every filter
-  golden/scheduler.safetensors (+meta) sigmas / timesteps per (steps, shift), a multistep step() chain
+  golden/scheduler.safetensors (+meta) sigmas / timesteps per (steps, shift), multistep step() chains
   golden/dit.safetensors               one transformer forward (the first conditional call of the pipeline)
   golden/vae.safetensors               VAE encode (latent mean) and decode
 """
