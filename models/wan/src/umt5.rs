@@ -343,12 +343,32 @@ impl Umt5Encoder {
             let h = block
                 .attn
                 .forward(&block.attn_norm.forward(&x)?, &buckets, mask.as_ref())?;
-            x = (x + h)?;
+            x = clamp_f16(&(x + h)?)?;
             let h = block.ff.forward(&block.ff_norm.forward(&x)?)?;
-            x = (x + h)?;
+            x = clamp_f16(&(x + h)?)?;
         }
         self.final_norm.forward(&x)
     }
+}
+
+/// transformers' f16 guard after each UMT5 sub-layer: when an infinity appeared, clamp everything
+/// to +-(f16::MAX - 1000). A no-op for other dtypes.
+fn clamp_f16(x: &Tensor) -> Result<Tensor> {
+    if x.dtype() != DType::F16 {
+        return Ok(x.clone());
+    }
+    let has_inf = x
+        .to_dtype(DType::F32)?
+        .abs()?
+        .flatten_all()?
+        .max(0)?
+        .to_scalar::<f32>()?
+        .is_infinite();
+    if !has_inf {
+        return Ok(x.clone());
+    }
+    let limit = 65504.0 - 1000.0;
+    Ok(x.clamp(-limit, limit)?)
 }
 
 /// The bidirectional relative-position bucket of `key - query` (T5's `_relative_position_bucket`
