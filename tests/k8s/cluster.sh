@@ -55,6 +55,8 @@ pid_alive() { # component -> prints pid when the recorded process is alive
   read -r pid start <"$f" || return 1
   [[ -n ${pid:-} && -d /proc/$pid ]] || return 1
   [[ "$(proc_starttime "$pid")" == "$start" ]] || return 1
+  # A zombie (exited, not yet reaped by its new parent) is not running.
+  [[ "$(awk '{print $3}' "/proc/$pid/stat" 2>/dev/null)" != Z ]] || return 1
   echo "$pid"
 }
 
@@ -125,13 +127,18 @@ do_down() {
 }
 
 # ------------------------------------------------------------ helpers
+# Ports are drawn below the kernel's ephemeral range (outgoing connections
+# take ports from there, and a listener cannot bind one in use), and must not
+# be used by any socket, listening or not.
 used_ports=()
 free_port() {
-  local port tries=0
+  local port tries=0 lo hi
+  read -r lo hi </proc/sys/net/ipv4/ip_local_port_range || lo=32768
+  local top=$((lo > 12000 ? lo : 32768))
   while ((tries++ < 200)); do
-    port=$((20000 + RANDOM % 40000))
+    port=$((10000 + RANDOM % (top - 10000)))
     [[ " ${used_ports[*]:-} " == *" $port "* ]] && continue
-    if ! ss -Htanl "sport = :$port" 2>/dev/null | grep -q .; then
+    if ! ss -Htan "sport = :$port" 2>/dev/null | grep -q .; then
       used_ports+=("$port")
       echo "$port"
       return
@@ -432,7 +439,10 @@ case "${1:-}" in
     do_up
     ;;
   down)
-    lock_state
+    # A cluster started by an older cluster.sh may hold the lock through its
+    # processes' inherited fd: wait a while, then stop it anyway.
+    exec 8>"$STATE/.lock"
+    flock -w 60 8 || log "could not take $STATE/.lock within 60 s; stopping anyway"
     do_down
     log "down (state kept in $STATE)"
     ;;

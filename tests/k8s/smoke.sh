@@ -23,6 +23,8 @@ failed() {
   echo "FAIL: $*"
   FAILURES=$((FAILURES + 1))
 }
+# Running (a zombie has exited; it only waits to be reaped by its parent).
+alive() { [[ -n ${1:-} && -d /proc/$1 && "$(awk '{print $3}' "/proc/$1/stat" 2>/dev/null)" != Z ]]; }
 check() { # description expected actual
   if [[ "$3" == "$2" ]]; then pass "$1 ($3)"; else failed "$1: expected '$2', got '$3'"; fi
 }
@@ -167,10 +169,10 @@ if wait_phase sleeper Running 60; then pass "pod sleeper Running"; else failed "
 uid="$(jp sleeper '{.metadata.uid}')"
 pidfile="$(ls "$STATE"/agent/pods/"${NS}_sleeper_${uid}"/pid 2>/dev/null || true)"
 sleeper_pid="$(cat "$pidfile" 2>/dev/null || true)"
-[[ -n $sleeper_pid && -d /proc/$sleeper_pid ]] && pass "sleeper process $sleeper_pid is running" || failed "no running process for pod sleeper"
+alive "$sleeper_pid" && pass "sleeper process $sleeper_pid is running" || failed "no running process for pod sleeper"
 kubectl -n "$NS" delete pod sleeper --wait=true --timeout=40s >/dev/null && pass "pod sleeper deleted" || failed "pod sleeper not deleted"
 sleep 1
-[[ -n $sleeper_pid && ! -d /proc/$sleeper_pid ]] && pass "sleeper process is gone" || failed "sleeper process $sleeper_pid still running"
+[[ -n $sleeper_pid ]] && ! alive "$sleeper_pid" && pass "sleeper process is gone" || failed "sleeper process $sleeper_pid still running"
 grep -q "started" "$STATE"/agent/pods/"${NS}_sleeper_${uid}"/container.log && pass "process output kept in the pod's container.log" || failed "no container.log output"
 
 log "7. garbage collection (kube-controller-manager) deletes owned pods"
@@ -195,17 +197,46 @@ kubectl -n "$NS" delete configmap owner >/dev/null
 for _ in $(seq 1 60); do kubectl -n "$NS" get pod owned >/dev/null 2>&1 || break; sleep 0.5; done
 kubectl -n "$NS" get pod owned >/dev/null 2>&1 && failed "owned pod survived its owner" || pass "owned pod garbage-collected"
 
+log "8. a container without command runs --default-command (kubewan-runner) from the bin dir"
+runner="$(dirname "$(readlink -f "$(cargo metadata --format-version 1 --no-deps --manifest-path "$SCRIPT_DIR/../../Cargo.toml" | jq -r .target_directory)/debug/kubewan-node-agent")")/kubewan-runner"
+if [[ -x $runner ]]; then
+  kubectl -n "$NS" apply -f - >/dev/null <<'EOF'
+apiVersion: v1
+kind: Pod
+metadata:
+  name: runner
+spec:
+  restartPolicy: Never
+  containers:
+  - name: main
+    image: kubewan-runner:smoke
+    args: ["--help"]
+EOF
+  if wait_phase runner Succeeded 60; then pass "kubewan-runner --help ran in a pod"; else failed "pod runner: phase $(jp runner '{.status.phase}'): $(jp runner '{.status.containerStatuses[0].state}')"; fi
+  ruid="$(jp runner '{.metadata.uid}')"
+  grep -qi "usage" "$STATE"/agent/pods/"${NS}_runner_${ruid}"/container.log && pass "runner's --help output in its container.log" || failed "runner output missing"
+else
+  echo "SKIP: $runner not built (cargo build -p kubewan-runner)"
+fi
+
+log "9. a pod still running when the cluster goes down"
+pod lingering 1 'sleep 300'
+wait_phase lingering Running 60 || failed "pod lingering did not start"
+luid="$(jp lingering '{.metadata.uid}')"
+lingering_pid="$(cat "$STATE"/agent/pods/"${NS}_lingering_${luid}"/pid 2>/dev/null || true)"
+alive "$lingering_pid" && pass "lingering process $lingering_pid runs" || failed "no process for pod lingering"
+
 log "status:"
 "$SCRIPT_DIR/cluster.sh" status || true
 kubectl -n "$NS" get pods -o wide
 
-log "8. down leaves nothing running"
+log "10. down leaves nothing running"
 pids=$(cat "$STATE"/pids/*.pid 2>/dev/null | awk '{print $1}' | tr '\n' ' ')
 "$SCRIPT_DIR/cluster.sh" down
 left="$(pgrep -af -- "$STATE" || true)"
 [[ -z $left ]] && pass "pgrep -af $STATE: nothing left" || failed "left running: $left"
-for p in $pids; do
-  [[ -d /proc/$p ]] && failed "pid $p still alive" || true
+for p in $pids ${lingering_pid:-}; do
+  if alive "$p"; then failed "pid $p still running"; else pass "pid $p gone"; fi
 done
 "$SCRIPT_DIR/cluster.sh" status >/dev/null 2>&1 && failed "status says running after down" || pass "status says stopped after down"
 
