@@ -8,6 +8,9 @@
 #   tests/k8s/cluster.sh down     stop exactly the processes `up` started
 #   tests/k8s/cluster.sh status   say what is running (exit 0 only when all is)
 #   tests/k8s/cluster.sh env      print the `export ...` lines for this cluster
+#   tests/k8s/cluster.sh logs POD [NAMESPACE]
+#                                 a pod's process output (there is no kubelet
+#                                 API, so `kubectl logs` does not work here)
 #
 # Environment:
 #   KUBEWAN_CLUSTER_DIR   state dir (pids, logs, certs, etcd data, agent folders)
@@ -25,6 +28,8 @@
 #   KUBEWAN_AGENT_BIN_DIR where the agent looks up command[0] first (kubewan-runner);
 #                         default: the agent binary's folder (target/debug)
 #   KUBEWAN_UP_TIMEOUT    seconds to wait for each component, default 90
+#   KUBEWAN_AGENT_LOG     the agent's RUST_LOG, default info,kube=warn,kubewan_node_agent=info
+#   KUBEWAN_CACHE_DIR     tool cache of install-tools.sh, default ~/.cache/kubewan
 set -euo pipefail
 
 SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -451,8 +456,20 @@ case "${1:-}" in
     KUBEWAN_TOOLS_BIN="${KUBEWAN_CACHE_DIR:-$HOME/.cache/kubewan}/tools/bin"
     [[ -f $STATE/env.sh ]] && cat "$STATE/env.sh" || { echo "no cluster state in $STATE" >&2; exit 1; }
     ;;
+  logs)
+    pod="${2:?usage: cluster.sh logs POD [NAMESPACE]}"
+    ns="${3:-default}"
+    found=0
+    for d in "$STATE/agent/pods/${ns}_${pod}_"*; do
+      [[ -f $d/container.log ]] || continue
+      found=1
+      echo "==> $d/container.log <==" >&2
+      cat "$d/container.log"
+    done
+    ((found)) || { echo "no logs for pod $ns/$pod in $STATE/agent/pods" >&2; exit 1; }
+    ;;
   *)
-    sed -n '2,29p' "$0" >&2
+    sed -n '2,34p' "$0" >&2
     exit 2
     ;;
 esac

@@ -173,7 +173,7 @@ alive "$sleeper_pid" && pass "sleeper process $sleeper_pid is running" || failed
 kubectl -n "$NS" delete pod sleeper --wait=true --timeout=40s >/dev/null && pass "pod sleeper deleted" || failed "pod sleeper not deleted"
 sleep 1
 [[ -n $sleeper_pid ]] && ! alive "$sleeper_pid" && pass "sleeper process is gone" || failed "sleeper process $sleeper_pid still running"
-grep -q "started" "$STATE"/agent/pods/"${NS}_sleeper_${uid}"/container.log && pass "process output kept in the pod's container.log" || failed "no container.log output"
+"$SCRIPT_DIR/cluster.sh" logs sleeper "$NS" 2>/dev/null | grep -qx "started" && pass "cluster.sh logs shows the process output" || failed "no process output from cluster.sh logs"
 
 log "7. garbage collection (kube-controller-manager) deletes owned pods"
 kubectl -n "$NS" create configmap owner >/dev/null

@@ -204,6 +204,7 @@ async fn main() -> Result<()> {
                 .unwrap_or_else(|_| "info,kube=warn,kubewan_node_agent=info".into()),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let args = Args::parse();
 
