@@ -219,7 +219,30 @@ else
   echo "SKIP: $runner not built (cargo build -p kubewan-runner)"
 fi
 
-log "9. a pod still running when the cluster goes down"
+log "9. restartPolicy OnFailure restarts a failed container (after the kubelet's 10 s back-off); /tmp mount -> TMPDIR"
+kubectl -n "$NS" apply -f - >/dev/null <<'EOF'
+apiVersion: v1
+kind: Pod
+metadata:
+  name: restarts
+spec:
+  restartPolicy: OnFailure
+  containers:
+  - name: main
+    image: x
+    command: ["/bin/sh", "-c", 'if [ -f "$TMPDIR/once" ]; then echo "second try $TMPDIR" > "$KUBEWAN_TERMINATION_LOG"; else touch "$TMPDIR/once"; exit 1; fi']
+    volumeMounts:
+    - {name: tmp, mountPath: /tmp}
+  volumes:
+  - {name: tmp, emptyDir: {}}
+EOF
+if wait_phase restarts Succeeded 60; then pass "pod restarts Succeeded"; else failed "pod restarts: phase $(jp restarts '{.status.phase}')"; fi
+check "pod restarts restartCount" 1 "$(jp restarts '{.status.containerStatuses[0].restartCount}')"
+check "pod restarts lastState exit code" 1 "$(jp restarts '{.status.containerStatuses[0].lastState.terminated.exitCode}')"
+msg="$(jp restarts '{.status.containerStatuses[0].state.terminated.message}')"
+[[ $msg == "second try "*"/volumes/tmp"* ]] && pass "second run saw the emptyDir as TMPDIR ($msg)" || failed "pod restarts message: $msg"
+
+log "10. a pod still running when the cluster goes down"
 pod lingering 1 'sleep 300'
 wait_phase lingering Running 60 || failed "pod lingering did not start"
 luid="$(jp lingering '{.metadata.uid}')"
@@ -230,7 +253,7 @@ log "status:"
 "$SCRIPT_DIR/cluster.sh" status || true
 kubectl -n "$NS" get pods -o wide
 
-log "10. down leaves nothing running"
+log "11. down leaves nothing running"
 pids=$(cat "$STATE"/pids/*.pid 2>/dev/null | awk '{print $1}' | tr '\n' ' ')
 "$SCRIPT_DIR/cluster.sh" down
 left="$(pgrep -af -- "$STATE" || true)"

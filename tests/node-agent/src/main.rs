@@ -124,7 +124,12 @@ impl Agent {
         let (stop_tx, stop_rx) = watch::channel(Stop::Run);
         let ctx = self.ctx.clone();
         let task = if has_container_statuses {
-            // Started by an earlier agent whose process is gone: say so.
+            // Started by an earlier agent (which died): stop its process if it
+            // is still there, and say the pod's outcome is lost.
+            let killed = pod::kill_orphan(&ctx.settings, &pod);
+            if let Some(pid) = killed {
+                warn!(pod = %pod.name_any(), pid, "killed a process left by an earlier agent");
+            }
             tokio::spawn(async move {
                 ctx.fail_unstarted(
                     &pod,

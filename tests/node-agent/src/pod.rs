@@ -25,6 +25,33 @@ pub const MOUNT_ENV: [(&str, &str); 3] = [
     (OUTPUT_MOUNT, "KUBEWAN_OUTPUT"),
 ];
 pub const TERMINATION_LOG_ENV: &str = "KUBEWAN_TERMINATION_LOG";
+/// A mount at /tmp (an emptyDir under a read-only root filesystem) becomes TMPDIR.
+pub const TMP_MOUNT: &str = "/tmp";
+
+/// Kills the process group an earlier agent started for this pod, when it is
+/// still running. It is recognised by its pid file and by the termination-log
+/// path in its environment (so a recycled pid is never hit).
+pub fn kill_orphan(settings: &Settings, pod: &Pod) -> Option<i32> {
+    let dir = pod_dir(settings, pod);
+    let pid: i32 = std::fs::read_to_string(dir.join("pid"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    let environ = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
+    let want = format!(
+        "{TERMINATION_LOG_ENV}={}",
+        dir.join("termination-log").display()
+    );
+    if !environ.split(|b| *b == 0).any(|e| e == want.as_bytes()) {
+        return None;
+    }
+    unsafe {
+        libc::kill(-pid, libc::SIGKILL);
+    }
+    let _ = std::fs::remove_file(dir.join("pid"));
+    Some(pid)
+}
 
 /// Cap on the grace period before SIGKILL (test clusters need to be quick).
 const MAX_GRACE: Duration = Duration::from_secs(30);
@@ -361,6 +388,9 @@ async fn prepare(client: &Client, settings: &Settings, pod: &Pod, dir: &Path) ->
         let mount_path = m.mount_path.trim_end_matches('/');
         if let Some((_, var)) = MOUNT_ENV.iter().find(|(p, _)| *p == mount_path) {
             env.insert((*var).into(), local.display().to_string());
+        }
+        if mount_path == TMP_MOUNT {
+            env.insert("TMPDIR".into(), local.display().to_string());
         }
     }
     for m in container.env_from.iter().flatten() {
