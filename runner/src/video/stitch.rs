@@ -84,6 +84,9 @@ pub fn stitch(
             let f = pending.pop_front().expect("non-empty");
             emit(w, &f)?;
         }
+        // The segment's decoder is gone: give its heap back before the next one.
+        drop(reader);
+        crate::probe::trim_heap();
     }
     let mut w = writer.context("no segment was opened")?;
     while let Some(f) = pending.pop_front() {
