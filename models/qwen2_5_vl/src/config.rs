@@ -295,3 +295,57 @@ impl Config {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn data(name: &str) -> std::path::PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/data")
+            .join(name)
+    }
+
+    #[test]
+    fn reads_the_released_flat_layout() {
+        let c = Config::from_dir(&data("tiny-released-untied-gqa")).unwrap();
+        assert_eq!(c.text.hidden_size, 48);
+        assert_eq!(c.text.num_key_value_heads, 2);
+        assert_eq!(c.text.mrope_section, vec![2, 2, 2]);
+        assert_eq!(c.text.rope_theta, 1_000_000.0);
+        assert_eq!(c.vision.in_channels, 3);
+        assert_eq!(c.vision.fullatt_block_indexes, vec![2]);
+        assert!(!c.tie_word_embeddings);
+        // generation_config.json's two stop tokens win over config.json's one
+        assert_eq!(c.eos_token_ids.len(), 2);
+    }
+
+    #[test]
+    fn reads_the_transformers5_nested_layout() {
+        let c = Config::from_dir(&data("tiny-v5-tied-gqa")).unwrap();
+        assert_eq!(c.text.hidden_size, 32);
+        assert_eq!(c.text.num_key_value_heads, 1);
+        assert_eq!(c.text.mrope_section, vec![2, 1, 1]);
+        assert_eq!(c.vision.window_size, 84);
+        assert_eq!(c.vision.rope_theta, 10_000.0);
+        assert!(c.tie_word_embeddings);
+    }
+
+    #[test]
+    fn rejects_inconsistent_configs() {
+        let p = Path::new("config.json");
+        let mut v: Value = serde_json::from_str(
+            &std::fs::read_to_string(data("tiny-released-untied-gqa").join("config.json")).unwrap(),
+        )
+        .unwrap();
+        v["rope_scaling"]["mrope_section"] = serde_json::json!([4, 4, 4]);
+        let e = Config::from_value(p, &v).unwrap_err().to_string();
+        assert!(e.contains("mrope_section"), "{e}");
+        v["rope_scaling"]["mrope_section"] = serde_json::json!([2, 2, 2]);
+        v["num_key_value_heads"] = serde_json::json!(3);
+        let e = Config::from_value(p, &v).unwrap_err().to_string();
+        assert!(e.contains("num_key_value_heads"), "{e}");
+        v.as_object_mut().unwrap().remove("vision_config");
+        assert!(Config::from_value(p, &v).is_err());
+    }
+}

@@ -181,3 +181,34 @@ fn half_precision_dtypes_track_f32() {
         );
     }
 }
+
+#[test]
+fn a_broken_folder_names_what_is_missing() {
+    let dir = std::env::temp_dir().join(format!("kubewan-qwen-broken-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let src = data_dir().join("tiny-released-untied-gqa");
+    for f in [
+        "config.json",
+        "tokenizer.json",
+        "model.safetensors.index.json",
+    ] {
+        std::fs::copy(src.join(f), dir.join(f)).unwrap();
+    }
+    let e = Qwen25Vl::load(&dir, DType::F32, &Device::Cpu)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("preprocessor_config.json") && e.contains("chat_template"),
+        "{e}"
+    );
+    for f in ["preprocessor_config.json", "chat_template.json"] {
+        std::fs::copy(src.join(f), dir.join(f)).unwrap();
+    }
+    // the index names shards that are not there
+    let e = Qwen25Vl::load(&dir, DType::F32, &Device::Cpu)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("model-00001-of-00003.safetensors"), "{e}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
