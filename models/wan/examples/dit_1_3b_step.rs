@@ -5,8 +5,12 @@
 //! (VmHWM) and the timings.
 //!
 //!     cargo run --release -p kubewan-wan --example dit_1_3b_step [-- --dtype f32|bf16 --width 416 --height 240 --frames 5]
+//!     ... --example dit_1_3b_step -- --write DIR     (random weights as a diffusers transformer/ folder)
+//!     ... --example dit_1_3b_step -- --load DIR [--mmap]   (load DIR with WanTransformer::load, or
+//!                                                          candle's mmap VarBuilder for comparison)
 //!
-//! The weights are generated in memory (normal, std 1/sqrt(fan_in)): no file is written or read.
+//! By default the weights are generated in memory (normal, std 1/sqrt(fan_in)). Exits 1 when the
+//! peak RSS exceeds twice the weights.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -121,6 +125,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             WanTransformer::new(vb, cfg.clone())?
         }
         // The real loader (config.json + safetensors read from disk).
+        Some(dir) if args.iter().any(|a| a == "--mmap") => {
+            // For comparison: candle's memory-mapped VarBuilder (kubewan-model-common).
+            let cfg: WanTransformerConfig =
+                serde_json::from_str(&std::fs::read_to_string(dir.join("config.json"))?)?;
+            let vb =
+                kubewan_model_common::var_builder(dir, "diffusion_pytorch_model", dtype, &dev)?;
+            WanTransformer::new(vb, cfg)?
+        }
         Some(dir) => WanTransformer::load(dir, dtype, &dev)?,
     };
     let load_s = t0.elapsed().as_secs_f64();
@@ -173,6 +185,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!(
         "Wan2.1-1.3B-shaped DiT (+ I2V image branch), random weights {}, CPU, {dtype:?}",
         match &from {
+            Some(d) if args.iter().any(|a| a == "--mmap") =>
+                format!("loaded from {} (memory-mapped VarBuilder)", d.display()),
             Some(d) => format!("loaded from {} (WanTransformer::load)", d.display()),
             None => "generated in memory".to_string(),
         }
