@@ -437,7 +437,11 @@ fn load_weights(dir: &Path, dtype: DType, device: &Device) -> Result<VarBuilder<
         // SAFETY: the checkpoint volume is mounted read-only; the file is not modified while mapped.
         let st = unsafe { candle_core::safetensors::MmapedSafetensors::new(path) }.map_err(bad)?;
         for (name, _) in st.tensors() {
-            let t = st.load(&name, device).map_err(bad)?.to_dtype(dtype).map_err(bad)?;
+            let t = st
+                .load(&name, device)
+                .map_err(bad)?
+                .to_dtype(dtype)
+                .map_err(bad)?;
             tensors.insert(name, t);
         }
         drop(st);

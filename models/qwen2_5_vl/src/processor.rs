@@ -263,7 +263,8 @@ pub fn resize_bicubic_pil(src: &[u8], w: usize, h: usize, ow: usize, oh: usize) 
     }
 }
 
-/// transformers' `convert_to_rgb`: RGB stays; anything with alpha is composited on white.
+/// transformers' `convert_to_rgb`: RGB stays; anything with alpha is composited on
+/// opaque white with Pillow's `alpha_composite` integer arithmetic.
 pub fn to_rgb8(img: &image::DynamicImage) -> image::RgbImage {
     if !img.color().has_alpha() {
         return img.to_rgb8();
@@ -271,12 +272,20 @@ pub fn to_rgb8(img: &image::DynamicImage) -> image::RgbImage {
     let rgba = img.to_rgba8();
     let (w, h) = rgba.dimensions();
     let mut out = image::RgbImage::new(w, h);
+    const PB: u32 = 7;
+    let div255 = |a: u32| ((a >> 8) + a) >> 8;
     for (o, p) in out.pixels_mut().zip(rgba.pixels()) {
-        let a = p[3] as f32 / 255.0;
+        let sa = p[3] as u32;
+        if sa == 0 {
+            *o = image::Rgb([255, 255, 255]);
+            continue;
+        }
+        // dst is opaque white: outa255 = 255 * 255, so coef1 = sa << PB
+        let coef1 = sa * 255 * 255 * (1 << PB) / (255 * 255);
+        let coef2 = 255 * (1 << PB) - coef1;
         for c in 0..3 {
-            o[c] = (p[c] as f32 * a + 255.0 * (1.0 - a))
-                .round()
-                .clamp(0.0, 255.0) as u8;
+            let tmp = p[c] as u32 * coef1 + 255 * coef2;
+            o[c] = (div255(tmp + (0x80 << PB)) >> PB) as u8;
         }
     }
     out
@@ -371,6 +380,33 @@ mod tests {
             n += 1;
         }
         assert!(n >= 5);
+    }
+
+    #[test]
+    fn alpha_is_composited_on_white_like_pillow() {
+        // reference values from Pillow 13: alpha_composite(white, RGBA).convert("RGB")
+        let px = [
+            [10u8, 200, 90, 0],
+            [10, 200, 90, 255],
+            [10, 200, 90, 128],
+            [0, 0, 0, 1],
+            [250, 3, 77, 77],
+        ];
+        let want = [
+            [255u8, 255, 255],
+            [10, 200, 90],
+            [132, 227, 172],
+            [254, 254, 254],
+            [253, 179, 201],
+        ];
+        let mut img = image::RgbaImage::new(px.len() as u32, 1);
+        for (i, p) in px.iter().enumerate() {
+            img.put_pixel(i as u32, 0, image::Rgba(*p));
+        }
+        let rgb = to_rgb8(&image::DynamicImage::ImageRgba8(img));
+        for (i, w) in want.iter().enumerate() {
+            assert_eq!(rgb.get_pixel(i as u32, 0).0, *w, "pixel {i}");
+        }
     }
 
     #[test]
