@@ -51,6 +51,9 @@ cleanup() {
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
+trap 'log "failed (exit $?): $BASH_COMMAND (line $LINENO)"' ERR
+mkdir -p "$KUBEWAN_E2E_STATE"
+: >"$KUBEWAN_E2E_STATE/operator.log"
 
 log "bringing the test control plane up ($KUBEWAN_CLUSTER_DIR)"
 tests/k8s/cluster.sh up
@@ -71,7 +74,6 @@ kubectl wait --for condition=established --timeout=60s crd/traveljobs.kubewan.de
 
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 export KUBEWAN_E2E_METRICS_ADDR="127.0.0.1:$port"
-mkdir -p "$KUBEWAN_E2E_STATE"; : >"$KUBEWAN_E2E_STATE/operator.log"
 tests/e2e/operator.sh start
 
 log "running the end-to-end tests"
