@@ -18,14 +18,17 @@
 # target dir's debug/kubewan-operator), KUBEWAN_E2E_STATE (pid + log; default
 # ~/.cache/kubewan/e2e), KUBEWAN_E2E_METRICS_ADDR (default 127.0.0.1:18080),
 # KUBEWAN_RELEASE_NAMESPACE (default kubewan-system), KUBEWAN_SERVICE_ACCOUNT
-# (default kubewan).
+# (default kubewan), KUBEWAN_E2E_INSTANCE (a second replica: its own pid file
+# and log; give it its own KUBEWAN_E2E_METRICS_ADDR).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 : "${KUBECONFIG:?KUBECONFIG is not set: run tests/k8s/cluster.sh up (or tests/e2e/run.sh)}"
 state="${KUBEWAN_E2E_STATE:-$HOME/.cache/kubewan/e2e}"
 mkdir -p "$state"
-pidfile="$state/operator.pid"
-logfile="$state/operator.log"
+# KUBEWAN_E2E_INSTANCE=N runs a further replica (own pid file and log).
+inst="${KUBEWAN_E2E_INSTANCE:-}"
+pidfile="$state/operator${inst:+-$inst}.pid"
+logfile="$state/operator${inst:+-$inst}.log"
 addr="${KUBEWAN_E2E_METRICS_ADDR:-127.0.0.1:18080}"
 ns="${KUBEWAN_RELEASE_NAMESPACE:-kubewan-system}"
 sa="${KUBEWAN_SERVICE_ACCOUNT:-kubewan}"

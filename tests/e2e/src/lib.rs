@@ -198,9 +198,16 @@ pub async fn events_of(client: &Client, ns: &str, name: &str) -> Result<Vec<Even
 /// Controls the operator process that tests/e2e/run.sh started
 /// (tests/e2e/operator.sh start|stop|kill|restart|status).
 pub fn operator(action: &str) -> Result<String> {
+    operator_with(action, &[])
+}
+
+/// [`operator`] with extra environment, e.g. `KUBEWAN_E2E_INSTANCE` and
+/// `KUBEWAN_E2E_METRICS_ADDR` for a second replica.
+pub fn operator_with(action: &str, env: &[(&str, &str)]) -> Result<String> {
     let script = repo_root().join("tests/e2e/operator.sh");
     let out = Command::new(&script)
         .arg(action)
+        .envs(env.iter().copied())
         .output()
         .with_context(|| format!("running {}", script.display()))?;
     if !out.status.success() {
@@ -215,10 +222,15 @@ pub fn operator(action: &str) -> Result<String> {
 
 /// GET http://<KUBEWAN_E2E_METRICS_ADDR><path> (the local operator's server).
 pub async fn http_get(path: &str) -> Result<(u16, String)> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let addr =
         std::env::var("KUBEWAN_E2E_METRICS_ADDR").unwrap_or_else(|_| "127.0.0.1:18080".into());
-    let mut stream = tokio::net::TcpStream::connect(&addr)
+    http_get_at(&addr, path).await
+}
+
+/// GET http://<addr><path>.
+pub async fn http_get_at(addr: &str, path: &str) -> Result<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr)
         .await
         .with_context(|| format!("connecting to the operator at {addr}"))?;
     stream

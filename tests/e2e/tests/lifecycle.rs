@@ -413,3 +413,96 @@ async fn the_operator_runs_under_the_charts_service_account_and_rbac() {
     let status = operator("status").unwrap();
     assert!(status.contains(sa), "{status}");
 }
+
+/// Puts the usual single operator back whatever the test did.
+struct RestoreOperator<'a> {
+    second: [(&'a str, &'a str); 2],
+}
+
+impl Drop for RestoreOperator<'_> {
+    fn drop(&mut self) {
+        let _ = operator_with("stop", &self.second);
+        if let Err(e) = operator("start") {
+            eprintln!("could not restart the operator: {e}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_second_replica_waits_for_the_lease_and_takes_over() {
+    let client = client().await;
+    let leases: Api<Lease> = Api::namespaced(client.clone(), "kubewan-system");
+    let holder = || async {
+        leases
+            .get("kubewan-leader")
+            .await
+            .unwrap()
+            .spec
+            .and_then(|s| s.holder_identity)
+            .unwrap_or_default()
+    };
+    let first = holder().await;
+    assert!(!first.is_empty(), "the first replica leads");
+
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let second = [
+        ("KUBEWAN_E2E_INSTANCE", "2"),
+        ("KUBEWAN_E2E_METRICS_ADDR", addr.as_str()),
+    ];
+    let _restore = RestoreOperator { second };
+    println!("{}", operator_with("start", &second).unwrap());
+
+    // Ready, but standing by: it does not lead while the first holds the lease.
+    assert_eq!(http_get_at(&addr, "/readyz").await.unwrap().0, 200);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (_, metrics) = http_get_at(&addr, "/metrics").await.unwrap();
+    assert!(metrics.contains("kubewan_leader 0"), "{metrics}");
+    assert_eq!(holder().await, first);
+
+    // The leader stops (and releases the lease): the standby takes over...
+    println!("{}", operator("stop").unwrap());
+    wait_until(
+        Duration::from_secs(30),
+        "the second replica to lead",
+        || async {
+            let (_, m) = http_get_at(&addr, "/metrics").await?;
+            Ok(m.contains("kubewan_leader 1"))
+        },
+    )
+    .await
+    .unwrap();
+    let now = holder().await;
+    assert!(
+        !now.is_empty() && now != first,
+        "lease holder {now} (was {first})"
+    );
+
+    // ...and runs jobs.
+    let ns = "e2e-ha";
+    fresh_namespace(&client, ns).await.unwrap();
+    let mut job = example();
+    job.metadata.name = Some("handover".into());
+    job.spec.enhance_prompt.enabled = false;
+    create_job(&client, ns, &job).await.unwrap();
+    let j = wait_job(
+        &client,
+        ns,
+        "handover",
+        Duration::from_secs(600),
+        "finished",
+        finished,
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        j.status.as_ref().unwrap().phase,
+        JobPhase::Succeeded,
+        "{:?}",
+        j.status
+    );
+}
