@@ -31,6 +31,8 @@ pub struct PodView {
     pub report: Option<RunReport>,
     /// Why the pod failed, in one line (exit code, runner message, kubelet reason).
     pub failure: Option<String>,
+    /// Why a pending pod is not running yet (unschedulable, image pull, ...).
+    pub waiting: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -120,6 +122,9 @@ impl PodView {
                 parts.join(": ")
             }
         });
+        let waiting = (phase == PodPhase::Pending)
+            .then(|| waiting_reason(&status))
+            .flatten();
         Some(PodView {
             name: pod.name_any(),
             step,
@@ -133,8 +138,38 @@ impl PodView {
             finished: terminated.and_then(|t| t.finished_at.clone()).map(|t| t.0),
             report,
             failure,
+            waiting,
         })
     }
+}
+
+/// Why a pending pod waits: the scheduler's verdict, or its container's
+/// waiting reason (e.g. ImagePullBackOff).
+fn waiting_reason(status: &k8s_openapi::api::core::v1::PodStatus) -> Option<String> {
+    let unscheduled = status
+        .conditions
+        .iter()
+        .flatten()
+        .find(|c| c.type_ == "PodScheduled" && c.status == "False");
+    if let Some(c) = unscheduled {
+        let reason = c.reason.clone().unwrap_or_else(|| "Unschedulable".into());
+        return Some(match &c.message {
+            Some(m) => format!("{reason}: {}", one_line(m, 300)),
+            None => reason,
+        });
+    }
+    status
+        .container_statuses
+        .iter()
+        .flatten()
+        .filter_map(|c| c.state.as_ref()?.waiting.as_ref())
+        .find_map(|w| {
+            let reason = w.reason.clone()?;
+            Some(match &w.message {
+                Some(m) => format!("{reason}: {}", one_line(m, 300)),
+                None => reason,
+            })
+        })
 }
 
 /// Exponential retry delay: `base · 2^(failures-1)`, capped at `max`.
@@ -239,7 +274,10 @@ pub fn fold_step(
     match state.phase {
         StepPhase::Running => {
             state.status.message = Some(if pod.phase == PodPhase::Pending {
-                format!("pod {} is pending", pod.name)
+                match &pod.waiting {
+                    Some(why) => format!("pod {} is pending: {why}", pod.name),
+                    None => format!("pod {} is pending", pod.name),
+                }
             } else {
                 format!("pod {} is running", pod.name)
             });
@@ -537,6 +575,7 @@ pub(crate) mod tests {
                 ..Default::default()
             }),
             failure: (phase == PodPhase::Failed).then(|| "exit code 1: keyframe missing".into()),
+            waiting: None,
         }
     }
 
@@ -628,6 +667,34 @@ pub(crate) mod tests {
                 .unwrap()
                 .report
                 .is_some()
+        );
+    }
+
+    #[test]
+    fn a_pending_pod_says_why_it_waits() {
+        use k8s_openapi::api::core::v1::PodCondition;
+        let mut pod = pod_with("Pending", None, 0);
+        let status = pod.status.as_mut().unwrap();
+        status.container_statuses = None;
+        status.conditions = Some(vec![PodCondition {
+            type_: "PodScheduled".into(),
+            status: "False".into(),
+            reason: Some("Unschedulable".into()),
+            message: Some("0/1 nodes are available: 1 Insufficient nvidia.com/gpu.".into()),
+            ..Default::default()
+        }]);
+        let v = PodView::from_pod(&pod).unwrap();
+        assert_eq!(
+            v.waiting.as_deref(),
+            Some("Unschedulable: 0/1 nodes are available: 1 Insufficient nvidia.com/gpu.")
+        );
+        let s = fold_step(StepId::Segment(2), &[&v], None, 2, Backoff::default(), t(0));
+        assert_eq!(s.phase, StepPhase::Running);
+        assert!(
+            s.status
+                .message
+                .unwrap()
+                .contains("is pending: Unschedulable")
         );
     }
 

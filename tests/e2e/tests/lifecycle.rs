@@ -340,11 +340,29 @@ async fn gpu_pods_request_the_gpu_and_do_not_schedule_beyond_capacity() {
     )
     .await
     .unwrap();
-    let j: TravelJob = Api::namespaced(client.clone(), ns)
-        .get("greedy")
-        .await
-        .unwrap();
-    assert_eq!(j.status.unwrap().phase, JobPhase::Generating);
+    // The status says why it waits, in the scheduler's words.
+    let j = wait_job(
+        &client,
+        ns,
+        "greedy",
+        Duration::from_secs(60),
+        "explained",
+        |j| {
+            j.status.as_ref().is_some_and(|s| {
+                s.segments
+                    .first()
+                    .and_then(|seg| seg.step.message.as_deref())
+                    .is_some_and(|m| {
+                        m.contains("Unschedulable") && m.contains("Insufficient nvidia.com/gpu")
+                    })
+            })
+        },
+    )
+    .await
+    .unwrap();
+    let status = j.status.unwrap();
+    println!("greedy: {:?}", status.message);
+    assert_eq!(status.phase, JobPhase::Generating);
 }
 
 #[tokio::test]
