@@ -18,7 +18,6 @@ pub mod vision;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
-use candle_nn::VarBuilder;
 use rand::{Rng, SeedableRng};
 
 pub use config::{Config, TextConfig, VisionConfig};
@@ -143,7 +142,7 @@ impl Qwen25Vl {
             config.eos_token_ids.push(id);
         }
 
-        let vb = load_weights(dir, dtype, device)?;
+        let vb = kubewan_model_common::var_builder(dir, "model", dtype, device)?;
         let (text_prefix, vision_prefix) =
             if vb.contains_tensor("model.language_model.embed_tokens.weight") {
                 ("model.language_model", "model.visual")
@@ -423,30 +422,6 @@ impl Qwen25Vl {
         self.text.clear_cache();
         Ok(logits?)
     }
-}
-
-/// Every tensor of the checkpoint, converted to `dtype` on `device`, read one
-/// shard at a time: each shard is memory-mapped, copied out and unmapped before
-/// the next, so the load peak is the weights plus one shard's mapped pages
-/// (not twice the weights, as with every shard mapped until the end).
-fn load_weights(dir: &Path, dtype: DType, device: &Device) -> Result<VarBuilder<'static>, Error> {
-    let files = kubewan_model_common::safetensors_files(dir, "model")?;
-    let mut tensors = std::collections::HashMap::new();
-    for path in &files {
-        let bad = |e: candle_core::Error| Error::Invalid(format!("{}: {e}", path.display()));
-        // SAFETY: the checkpoint volume is mounted read-only; the file is not modified while mapped.
-        let st = unsafe { candle_core::safetensors::MmapedSafetensors::new(path) }.map_err(bad)?;
-        for (name, _) in st.tensors() {
-            let t = st
-                .load(&name, device)
-                .map_err(bad)?
-                .to_dtype(dtype)
-                .map_err(bad)?;
-            tensors.insert(name, t);
-        }
-        drop(st);
-    }
-    Ok(VarBuilder::from_tensors(tensors, dtype, device))
 }
 
 fn argmax(v: &[f32]) -> u32 {

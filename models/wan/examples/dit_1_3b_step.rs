@@ -129,8 +129,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             // For comparison: candle's memory-mapped VarBuilder (kubewan-model-common).
             let cfg: WanTransformerConfig =
                 serde_json::from_str(&std::fs::read_to_string(dir.join("config.json"))?)?;
-            let vb =
-                kubewan_model_common::var_builder(dir, "diffusion_pytorch_model", dtype, &dev)?;
+            let vb = kubewan_model_common::mmap_var_builder(
+                dir,
+                "diffusion_pytorch_model",
+                dtype,
+                &dev,
+            )?;
             WanTransformer::new(vb, cfg)?
         }
         Some(dir) => WanTransformer::load(dir, dtype, &dev)?,

@@ -12,7 +12,6 @@ pub mod tiny;
 pub mod transformer;
 pub mod umt5;
 pub mod vae;
-pub mod weights;
 
 pub use pipeline::{WanPipeline, required_files};
 pub use tiny::write_tiny_checkpoint;

@@ -571,7 +571,7 @@ impl WanTransformer {
     pub fn load(dir: &Path, dtype: DType, device: &Device) -> crate::Result<Self> {
         let config: WanTransformerConfig =
             kubewan_model_common::read_json(&dir.join("config.json"), "a Wan transformer config")?;
-        let vb = crate::weights::var_builder(dir, "diffusion_pytorch_model", dtype, device)?;
+        let vb = kubewan_model_common::var_builder(dir, "diffusion_pytorch_model", dtype, device)?;
         Self::new(vb, config).map_err(|e| crate::Error::model(dir, e))
     }
 
