@@ -58,7 +58,7 @@ start() {
   RUST_LOG="${RUST_LOG:-info,kube_client=warn}" setsid "$KUBEWAN_OPERATOR_BIN" \
     --metrics-addr "$addr" \
     --leader-elect --lease-namespace "$ns" --lease-name kubewan-leader \
-    --lease-duration-seconds "${KUBEWAN_E2E_LEASE_SECONDS:-6}" \
+    --lease-duration-seconds "${KUBEWAN_E2E_LEASE_SECONDS:-10}" \
     --runner-image kubewan-runner:e2e \
     --backoff-base-seconds "${KUBEWAN_E2E_BACKOFF_SECONDS:-1}" --backoff-max-seconds 5 \
     --resync-seconds 30 \
