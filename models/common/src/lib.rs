@@ -6,6 +6,8 @@
 //! folder into a [`VarBuilder`] and report every problem with
 //! the path it concerns, so a broken checkpoint is one readable error.
 
+pub mod pil;
+
 use std::collections::{BTreeSet, HashMap};
 use std::fs::File;
 use std::os::unix::fs::FileExt;

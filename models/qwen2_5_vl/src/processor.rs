@@ -17,6 +17,7 @@
 
 use std::path::Path;
 
+use kubewan_model_common::pil::{PilFilter, pil_resize};
 use serde_json::Value;
 
 use crate::Error;
@@ -136,133 +137,6 @@ pub fn smart_resize(
     Ok((h_bar as usize, w_bar as usize))
 }
 
-const PRECISION_BITS: u32 = 32 - 8 - 2;
-
-fn bicubic(x: f64) -> f64 {
-    let a = -0.5;
-    let x = x.abs();
-    if x < 1.0 {
-        ((a + 2.0) * x - (a + 3.0)) * x * x + 1.0
-    } else if x < 2.0 {
-        (((x - 5.0) * x + 8.0) * x - 4.0) * a
-    } else {
-        0.0
-    }
-}
-
-/// Pillow's `precompute_coeffs` + `normalize_coeffs_8bpc`: per output pixel, the first
-/// input index and its fixed-point taps.
-fn coeffs(in_size: usize, out_size: usize) -> (usize, Vec<(usize, Vec<i32>)>) {
-    let scale = in_size as f64 / out_size as f64;
-    let filterscale = scale.max(1.0);
-    let support = 2.0 * filterscale;
-    let ksize = support.ceil() as usize * 2 + 1;
-    let mut out = Vec::with_capacity(out_size);
-    for xx in 0..out_size {
-        let center = (xx as f64 + 0.5) * scale;
-        let ss = 1.0 / filterscale;
-        let xmin = ((center - support + 0.5) as i64).max(0) as usize;
-        let xmax =
-            (((center + support + 0.5) as i64).min(in_size as i64) as usize).saturating_sub(xmin);
-        let mut k: Vec<f64> = (0..xmax)
-            .map(|x| bicubic((x as f64 + xmin as f64 - center + 0.5) * ss))
-            .collect();
-        let ww: f64 = k.iter().sum();
-        if ww != 0.0 {
-            for v in &mut k {
-                *v /= ww;
-            }
-        }
-        let fixed = k
-            .iter()
-            .map(|&v| {
-                let s = v * (1u32 << PRECISION_BITS) as f64;
-                if v < 0.0 {
-                    (-0.5 + s) as i32
-                } else {
-                    (0.5 + s) as i32
-                }
-            })
-            .collect();
-        out.push((xmin, fixed));
-    }
-    (ksize, out)
-}
-
-fn clip8(v: i64) -> u8 {
-    if v >= (1i64 << PRECISION_BITS << 8) {
-        255
-    } else if v <= 0 {
-        0
-    } else {
-        (v >> PRECISION_BITS) as u8
-    }
-}
-
-/// One separable pass of Pillow's resampler over packed RGB8: along x when `horizontal`.
-fn resample_pass(src: &[u8], w: usize, h: usize, out_len: usize, horizontal: bool) -> Vec<u8> {
-    let (in_len, other) = if horizontal { (w, h) } else { (h, w) };
-    let (_, k) = coeffs(in_len, out_len);
-    let (ow, oh) = if horizontal {
-        (out_len, h)
-    } else {
-        (w, out_len)
-    };
-    let mut out = vec![0u8; ow * oh * 3];
-    for o in 0..other {
-        for (i, (min, taps)) in k.iter().enumerate() {
-            for c in 0..3 {
-                let mut ss: i64 = 1 << (PRECISION_BITS - 1);
-                for (j, &kv) in taps.iter().enumerate() {
-                    let idx = if horizontal {
-                        o * w + min + j
-                    } else {
-                        (min + j) * w + o
-                    };
-                    ss += src[idx * 3 + c] as i64 * kv as i64;
-                }
-                let oidx = if horizontal { o * ow + i } else { i * ow + o };
-                out[oidx * 3 + c] = clip8(ss);
-            }
-        }
-    }
-    out
-}
-
-/// Pillow-exact bicubic resize of packed RGB8 (`w*h*3`).
-pub fn resize_bicubic_pil(src: &[u8], w: usize, h: usize, ow: usize, oh: usize) -> Vec<u8> {
-    if (w, h) == (ow, oh) {
-        return src.to_vec();
-    }
-    // Pillow >= 13 runs the vertical pass first when the height shrinks by more than
-    // twice as many pixels as the width (older Pillow always went horizontal first);
-    // the order changes the intermediate u8 rounding, so it matters for parity.
-    let vertical_first = oh < h && (h - oh) as i64 > (w as i64 - ow as i64) * 2;
-    if vertical_first {
-        let tmp = if oh != h {
-            resample_pass(src, w, h, oh, false)
-        } else {
-            src.to_vec()
-        };
-        if ow != w {
-            resample_pass(&tmp, w, oh, ow, true)
-        } else {
-            tmp
-        }
-    } else {
-        let tmp = if ow != w {
-            resample_pass(src, w, h, ow, true)
-        } else {
-            src.to_vec()
-        };
-        if oh != h {
-            resample_pass(&tmp, ow, h, oh, false)
-        } else {
-            tmp
-        }
-    }
-}
-
 /// transformers' `convert_to_rgb`: RGB stays; anything with alpha is composited on
 /// opaque white with Pillow's `alpha_composite` integer arithmetic.
 pub fn to_rgb8(img: &image::DynamicImage) -> image::RgbImage {
@@ -313,7 +187,9 @@ pub fn process_image(
     let (w, h) = (rgb.width() as usize, rgb.height() as usize);
     let factor = cfg.patch_size * cfg.merge_size;
     let (oh, ow) = smart_resize(h, w, factor, cfg.min_pixels, cfg.max_pixels)?;
-    let px = resize_bicubic_pil(rgb.as_raw(), w, h, ow, oh);
+    // transformers' PIL backend: bicubic, Pillow's exact arithmetic.
+    let resized = pil_resize(&rgb, ow as u32, oh as u32, PilFilter::Bicubic);
+    let px = resized.as_raw();
     let p = cfg.patch_size;
     let m = cfg.merge_size;
     let t = cfg.temporal_patch_size;
@@ -370,7 +246,7 @@ mod tests {
             let path = entry.unwrap().path();
             let want = image::open(&path).unwrap().to_rgb8();
             let (ow, oh) = (want.width() as usize, want.height() as usize);
-            let got = resize_bicubic_pil(src.as_raw(), 150, 100, ow, oh);
+            let got = pil_resize(&src, ow as u32, oh as u32, PilFilter::Bicubic).into_raw();
             let diff = got
                 .iter()
                 .zip(want.as_raw())
