@@ -206,6 +206,15 @@ impl Plan {
     pub fn is_preview(&self) -> bool {
         self.video_model == crate::PREVIEW_MODEL
     }
+
+    /// The video model as status shows it: " (preview)" marks the built-in preview.
+    pub fn video_model_label(&self) -> String {
+        if self.is_preview() {
+            format!("{} (preview)", self.video_model)
+        } else {
+            self.video_model.clone()
+        }
+    }
 }
 
 #[cfg(test)]

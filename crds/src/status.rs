@@ -195,11 +195,7 @@ impl TravelJobStatus {
         output_dir: &str,
     ) {
         let get = |id: StepId| steps.get(&id).cloned().unwrap_or_default();
-        self.video_model = Some(if plan.is_preview() {
-            format!("{} (preview)", plan.video_model)
-        } else {
-            plan.video_model.clone()
-        });
+        self.video_model = Some(plan.video_model_label());
         self.prompts = plan.vlm.is_some().then(|| get(StepId::Prompts));
         let prompt_report = self.prompts.as_ref().and_then(|p| p.report.clone());
         self.segments = plan

@@ -13,8 +13,8 @@ use kubewan_crds::{Plan, StepId, TravelJob};
 
 use crate::pods::output_dir;
 use crate::status::{
-    Backoff, PodPhase, PodView, REASON_INVALID, StepState, apply_steps, failed_reason, fold_step,
-    running_phase, set_conditions, step_name,
+    Backoff, PodPhase, PodView, REASON_INVALID, StepState, failed_reason, fold_step, running_phase,
+    set_conditions, step_name,
 };
 
 /// Operator settings that shape decisions.
@@ -162,11 +162,7 @@ pub fn decide(job: &TravelJob, pods: &[PodView], settings: &Settings, now: Times
             )
         })
         .collect();
-    status.video_model = Some(if plan.is_preview() {
-        format!("{} (preview)", plan.video_model)
-    } else {
-        plan.video_model.clone()
-    });
+    status.video_model = Some(plan.video_model_label());
 
     let failed = steps.iter().find(|s| s.phase == StepPhase::Failed).cloned();
     let succeeded = steps
@@ -252,7 +248,8 @@ pub fn decide(job: &TravelJob, pods: &[PodView], settings: &Settings, now: Times
         status.completion_time = None;
     }
 
-    apply_steps(&mut status, &plan, &steps, &out_dir);
+    let step_statuses = steps.iter().map(|s| (s.step, s.status.clone())).collect();
+    status.fold_steps(&plan, &step_statuses, &out_dir);
     if status.phase == JobPhase::Succeeded {
         status.message = Some(match &status.output {
             Some(out) => format!(

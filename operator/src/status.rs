@@ -10,9 +10,9 @@ use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
+use kubewan_crds::StepId;
 use kubewan_crds::report::RunReport;
-use kubewan_crds::status::{JobPhase, SegmentStatus, StepPhase, StepStatus, TravelJobStatus};
-use kubewan_crds::{Plan, StepId};
+use kubewan_crds::status::{JobPhase, StepPhase, StepStatus, TravelJobStatus};
 
 use crate::pods::{CONTAINER, LABEL_ATTEMPT, LABEL_SEGMENT, LABEL_STAGE};
 
@@ -316,81 +316,6 @@ pub fn step_name(step: StepId) -> String {
         StepId::Segment(i) => format!("segment {i}"),
         StepId::Stitch => "stitch".into(),
     }
-}
-
-/// The job's output path for a runner output relative to the job's folder.
-fn join(dir: &str, file: &str) -> String {
-    if file.starts_with(dir) {
-        file.to_owned()
-    } else {
-        format!(
-            "{}/{}",
-            dir.trim_end_matches('/'),
-            file.trim_start_matches('/')
-        )
-    }
-}
-
-/// Puts the steps' states into a status (steps, segments, output, summary).
-pub fn apply_steps(
-    status: &mut TravelJobStatus,
-    plan: &Plan,
-    steps: &[StepState],
-    output_dir: &str,
-) {
-    let get = |id: StepId| steps.iter().find(|s| s.step == id);
-    status.prompts = plan.vlm.is_some().then(|| {
-        get(StepId::Prompts)
-            .map(|s| s.status.clone())
-            .unwrap_or_default()
-    });
-    let prompt_report = status.prompts.as_ref().and_then(|p| p.report.clone());
-    status.segments = plan
-        .segments
-        .iter()
-        .map(|seg| {
-            let step = get(StepId::Segment(seg.index))
-                .map(|s| s.status.clone())
-                .unwrap_or_default();
-            let written = |r: &RunReport| {
-                r.prompts
-                    .iter()
-                    .find(|p| p.segment == seg.index)
-                    .map(|p| p.prompt.clone())
-            };
-            let prompt = step
-                .report
-                .as_ref()
-                .and_then(written)
-                .or_else(|| prompt_report.as_ref().and_then(written))
-                .unwrap_or_else(|| seg.prompt.clone());
-            let output = step
-                .report
-                .as_ref()
-                .filter(|_| step.phase == StepPhase::Succeeded)
-                .and_then(|r| r.output.as_deref())
-                .map(|o| join(output_dir, o));
-            SegmentStatus {
-                index: seg.index,
-                step,
-                prompt: Some(prompt),
-                output,
-            }
-        })
-        .collect();
-    status.stitch = Some(
-        get(StepId::Stitch)
-            .map(|s| s.status.clone())
-            .unwrap_or_default(),
-    );
-    status.output = status
-        .stitch
-        .as_ref()
-        .filter(|s| s.phase == StepPhase::Succeeded)
-        .and_then(|s| s.report.as_ref())
-        .and_then(|r| r.output.as_deref())
-        .map(|o| join(output_dir, o));
-    status.summarise();
 }
 
 /// The job's phase while it runs, from its steps.
