@@ -70,6 +70,18 @@ async fn example_job_succeeds_with_memory_figures_and_a_playable_video() {
             pod.name_any()
         );
         check_restricted(pod);
+        let limits = spec.containers[0]
+            .resources
+            .as_ref()
+            .and_then(|r| r.limits.clone())
+            .unwrap_or_default();
+        let gpus = limits.get("nvidia.com/gpu").map(|q| q.0.as_str());
+        let expected_gpus = if pod.name_any().contains("-stitch-") {
+            None
+        } else {
+            Some("1")
+        };
+        assert_eq!(gpus, expected_gpus, "{}: GPU limit", pod.name_any());
     }
 
     // Every segment carries its memory report.
