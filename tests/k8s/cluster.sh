@@ -432,22 +432,39 @@ do_status() {
   return $all
 }
 
-# One up/down at a time per state dir.
+# Does one of this cluster's own components hold the lock file open? Only a
+# cluster started by an older cluster.sh does (its processes inherited the fd).
+lock_held_by_components() {
+  local c pid f
+  for c in "${COMPONENTS[@]}"; do
+    pid="$(pid_alive "$c")" || continue
+    for f in /proc/"$pid"/fd/*; do
+      [[ "$(readlink "$f" 2>/dev/null)" == "$STATE/.lock" ]] && return 0
+    done
+  done
+  return 1
+}
+
+# One up/down at a time per state dir. When the cluster's own components hold
+# the lock (see above), go on: `up` and `down` stop them.
 lock_state() {
   exec 8>"$STATE/.lock"
+  flock -w 5 8 && return 0
+  if lock_held_by_components; then
+    log "the lock is held by this cluster's own processes (started by an older cluster.sh); going on"
+    return 0
+  fi
   flock -w 600 8 || { echo "[cluster] another cluster.sh holds $STATE/.lock" >&2; exit 1; }
 }
 
+main() {
 case "${1:-}" in
   up)
     lock_state
     do_up
     ;;
   down)
-    # A cluster started by an older cluster.sh may hold the lock through its
-    # processes' inherited fd: wait a while, then stop it anyway.
-    exec 8>"$STATE/.lock"
-    flock -w 60 8 || log "could not take $STATE/.lock within 60 s; stopping anyway"
+    lock_state
     do_down
     log "down (state kept in $STATE)"
     ;;
@@ -473,3 +490,8 @@ case "${1:-}" in
     exit 2
     ;;
 esac
+}
+
+# Everything is parsed before anything runs (bash reads a script as it goes;
+# this keeps a running cluster.sh safe from edits of the file).
+main "$@"; exit $?
