@@ -398,66 +398,57 @@ pub fn set_conditions(
     );
     let mut conditions = std::mem::take(&mut status.conditions);
     let phase_reason = format!("{phase:?}");
-    set_condition(
-        &mut conditions,
-        COND_RUNNING,
-        running && phase != JobPhase::Pending,
-        &phase_reason,
-        if running { &message } else { "" },
-        generation,
-        now,
-    );
-    set_condition(
-        &mut conditions,
-        COND_SUSPENDED,
+    let (suspended, succeeded, failed) = (
         phase == JobPhase::Suspended,
-        if phase == JobPhase::Suspended {
-            "JobSuspended"
-        } else {
-            "JobNotSuspended"
-        },
-        if phase == JobPhase::Suspended {
-            &message
-        } else {
-            ""
-        },
-        generation,
-        now,
-    );
-    set_condition(
-        &mut conditions,
-        COND_SUCCEEDED,
         phase == JobPhase::Succeeded,
-        if phase == JobPhase::Succeeded {
-            "Completed"
-        } else {
-            &phase_reason
-        },
-        if phase == JobPhase::Succeeded {
-            &message
-        } else {
-            ""
-        },
-        generation,
-        now,
-    );
-    set_condition(
-        &mut conditions,
-        COND_FAILED,
         phase == JobPhase::Failed,
-        if phase == JobPhase::Failed {
-            reason
-        } else {
-            "NotFailed"
-        },
-        if phase == JobPhase::Failed {
-            &message
-        } else {
-            ""
-        },
-        generation,
-        now,
     );
+    // (type, true?, reason, message): the message goes with the condition that holds.
+    let rows: [(&str, bool, &str, &str); 4] = [
+        (
+            COND_RUNNING,
+            running && phase != JobPhase::Pending,
+            &phase_reason,
+            if running { &message } else { "" },
+        ),
+        (
+            COND_SUSPENDED,
+            suspended,
+            if suspended {
+                "JobSuspended"
+            } else {
+                "JobNotSuspended"
+            },
+            if suspended { &message } else { "" },
+        ),
+        (
+            COND_SUCCEEDED,
+            succeeded,
+            if succeeded {
+                "Completed"
+            } else {
+                &phase_reason
+            },
+            if succeeded { &message } else { "" },
+        ),
+        (
+            COND_FAILED,
+            failed,
+            if failed { reason } else { "NotFailed" },
+            if failed { &message } else { "" },
+        ),
+    ];
+    for (type_, holds, reason, message) in rows {
+        set_condition(
+            &mut conditions,
+            type_,
+            holds,
+            reason,
+            message,
+            generation,
+            now,
+        );
+    }
     status.conditions = conditions;
 }
 
