@@ -7,7 +7,11 @@ use std::collections::BTreeSet;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::spec::{Dtype, TravelJobSpec};
+use crate::spec::{
+    Dtype, LoraSpec, ReleaseCheckPolicy, Scheduler, TravelJobSpec, VlmFailurePolicy,
+};
+use crate::step::StepId;
+use crate::validate::{ValidationErrors, validate};
 
 /// Prompt used when neither the spec nor the VLM gives one.
 pub const FALLBACK_PROMPT: &str = "cinematic transition";
@@ -18,6 +22,10 @@ pub struct VlmPlan {
     /// Model folder relative to the checkpoints root.
     pub model: String,
     pub max_new_tokens: u32,
+    /// What happens when the VLM cannot write a prompt.
+    pub on_failure: VlmFailurePolicy,
+    /// What a VLM that did not give its memory back does.
+    pub release_check: ReleaseCheckPolicy,
 }
 
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
@@ -44,8 +52,13 @@ pub struct Plan {
     pub seed: u64,
     pub steps: u32,
     pub guidance_scale: f64,
+    /// The low-noise expert's guidance (Wan2.2); None: `guidance_scale`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guidance_scale_2: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub flow_shift: Option<f64>,
+    #[serde(default)]
+    pub scheduler: Scheduler,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub negative_prompt: Option<String>,
     /// The overall prompt (guides the VLM).
@@ -55,20 +68,15 @@ pub struct Plan {
     /// Video model folder relative to the checkpoints root, or `preview`.
     pub video_model: String,
     pub dtype: Dtype,
+    /// LoRA files relative to the checkpoints root, merged into the video model.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub loras: Vec<LoraSpec>,
     /// Present when prompts are written by the VLM.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vlm: Option<VlmPlan>,
     pub segments: Vec<SegmentPlan>,
     /// Frames of the stitched video: Σ frames − Σ overlaps.
     pub total_frames: u32,
-}
-
-/// One node of the stage graph.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum StepId {
-    Prompts,
-    Segment(u32),
-    Stitch,
 }
 
 /// Frames normalised down to 4N+1 (Wan compresses time 4×), at least 5.
@@ -84,15 +92,23 @@ pub fn normalise_overlap(overlap: u32, prev_frames: u32, next_frames: u32) -> u3
     even.min(cap - cap % 2)
 }
 
-/// Parses "WIDTHxHEIGHT" and snaps each side down to a multiple of 16.
+/// Parses "WIDTHxHEIGHT" (2 to 4 digits a side, as the CRD schema's pattern
+/// says) and snaps each side down to a multiple of 16.
 pub fn parse_resolution(text: &str) -> Option<(u32, u32)> {
-    let (w, h) = text.trim().split_once(['x', 'X'])?;
-    let (w, h): (u32, u32) = (w.trim().parse().ok()?, h.trim().parse().ok()?);
+    let side = |s: &str| (2..=4).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_digit());
+    let (w, h) = text.split_once('x').filter(|(w, h)| side(w) && side(h))?;
+    let (w, h): (u32, u32) = (w.parse().ok()?, h.parse().ok()?);
     let (w, h) = (w - w % 16, h - h % 16);
     (w > 0 && h > 0).then_some((w, h))
 }
 
 impl Plan {
+    /// Validates the spec, then plans it: what the operator and local mode run.
+    pub fn validated(spec: &TravelJobSpec) -> Result<Plan, ValidationErrors> {
+        validate(spec)?;
+        Ok(Plan::from_spec(spec))
+    }
+
     /// Builds the plan of a spec that passed [`crate::validate::validate`].
     pub fn from_spec(spec: &TravelJobSpec) -> Plan {
         let (width, height) = parse_resolution(&spec.resolution).unwrap_or((832, 480));
@@ -130,16 +146,21 @@ impl Plan {
             seed: spec.seed,
             steps: spec.steps,
             guidance_scale: spec.guidance_scale,
+            guidance_scale_2: spec.guidance_scale_2,
             flow_shift: spec.flow_shift,
+            scheduler: spec.model.scheduler,
             negative_prompt: spec.negative_prompt.clone(),
             prompt: spec.prompt.clone(),
             chain: spec.chain,
             parallelism: spec.parallelism.max(1),
             video_model: spec.model.name.clone(),
             dtype: spec.model.dtype,
+            loras: spec.model.loras.clone(),
             vlm: spec.enhance_prompt.enabled.then(|| VlmPlan {
                 model: spec.enhance_prompt.model.clone(),
                 max_new_tokens: spec.enhance_prompt.max_new_tokens,
+                on_failure: spec.enhance_prompt.on_failure,
+                release_check: spec.enhance_prompt.release_check,
             }),
             segments,
             total_frames,
@@ -207,13 +228,9 @@ impl Plan {
         self.video_model == crate::PREVIEW_MODEL
     }
 
-    /// The video model as status shows it: " (preview)" marks the built-in preview.
+    /// The video model as status and messages show it ([`crate::model_label`]).
     pub fn video_model_label(&self) -> String {
-        if self.is_preview() {
-            format!("{} (preview)", self.video_model)
-        } else {
-            self.video_model.clone()
-        }
+        crate::model_label(&self.video_model, self.is_preview())
     }
 }
 
@@ -249,6 +266,8 @@ mod tests {
         assert_eq!(parse_resolution("1281x719"), Some((1280, 704)));
         assert_eq!(parse_resolution("8x480"), None);
         assert_eq!(parse_resolution("wide"), None);
+        assert_eq!(parse_resolution(" 832X480"), None);
+        assert_eq!(parse_resolution("99999x480"), None);
     }
 
     #[test]

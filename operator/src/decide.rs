@@ -1,26 +1,34 @@
-//! Pure: what one reconcile does. From the job, the pods that exist and the
-//! clock, it decides the status to write, the pods to create and delete, the
-//! events to emit, and when to look again. The controller only carries it out.
+//! Decide, purely: from the job, its plan (built once per reconcile), the pods
+//! observed and the clock, everything one reconcile does — the status to write,
+//! the pods to create and delete, the events, and when to look again. What the
+//! API server answers to a pod creation it refused is folded back in here too
+//! ([`pod_not_created`], [`pod_refused`]), so [`crate::apply`] only carries decisions out.
 
 use std::collections::BTreeSet;
 use std::time::Duration;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
+use kube::ResourceExt;
+use kubewan_crds::conditions::policy_failure_reason;
 use kubewan_crds::status::{JobPhase, StepPhase, TravelJobStatus};
-use kubewan_crds::validate::validate;
-use kubewan_crds::{Plan, StepId, TravelJob};
+use kubewan_crds::{Plan, StepAttempt, StepId, Task, TravelJob};
 
-use crate::pods::output_dir;
-use crate::status::{
-    Backoff, PodPhase, PodView, REASON_INVALID, StepState, failed_reason, fold_step, running_phase,
-    set_conditions, step_name,
+use crate::conditions::{
+    REASON_BACKOFF_LIMIT, REASON_POD_REJECTED, failed_reason, set_conditions, spec_rejected,
 };
+use crate::events::{EventSpec, transitions};
+use crate::observe::PodView;
+use crate::policy::SpecRejection;
+use crate::step::{Backoff, FoldRules, StepState, fold_steps};
 
 /// Operator settings that shape decisions.
 #[derive(Clone, Copy, Debug)]
 pub struct Settings {
     pub backoff: Backoff,
+    /// How long the kubelet may fail to start a pod's container before the
+    /// attempt counts as failed ([`crate::step::FoldRules::start_timeout`]).
+    pub start_timeout: Duration,
     /// How often an active job is looked at even without any event.
     pub resync: Duration,
 }
@@ -29,43 +37,27 @@ impl Default for Settings {
     fn default() -> Self {
         Settings {
             backoff: Backoff::default(),
+            start_timeout: Duration::from_secs(300),
             resync: Duration::from_secs(300),
         }
     }
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct EventSpec {
-    pub warning: bool,
-    pub reason: String,
-    pub action: String,
-    pub note: String,
-    /// The pod the event is about, if any (the event's `related` object; it
-    /// also keeps events about different pods from being merged into one series).
-    pub pod: Option<String>,
+/// A pod to create: one attempt of a step, under its one name, with its task.
+#[derive(Clone, Debug, PartialEq)]
+pub struct NewPod {
+    pub name: String,
+    pub attempt: StepAttempt,
+    pub task: Task,
 }
 
-impl EventSpec {
-    fn normal(reason: &str, note: String) -> Self {
-        EventSpec {
-            warning: false,
-            reason: reason.into(),
-            action: "Reconcile".into(),
-            note,
-            pod: None,
-        }
-    }
-    fn about(mut self, pod: Option<String>) -> Self {
-        self.pod = pod;
-        self
-    }
-    fn warning(reason: &str, note: String) -> Self {
-        EventSpec {
-            warning: true,
-            reason: reason.into(),
-            action: "Reconcile".into(),
-            note,
-            pod: None,
+impl NewPod {
+    /// Attempt `attempt` of a step of `job`, planned as `plan`.
+    pub fn new(job: &TravelJob, plan: &Plan, attempt: StepAttempt) -> NewPod {
+        NewPod {
+            name: attempt.pod_name(&job.name_any()),
+            attempt,
+            task: Task::new(job, plan, attempt.step),
         }
     }
 }
@@ -74,8 +66,7 @@ impl EventSpec {
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Decision {
     pub status: TravelJobStatus,
-    /// Pods to create: (step, attempt).
-    pub create: Vec<(StepId, u32)>,
+    pub create: Vec<NewPod>,
     /// Pods to delete, by name.
     pub delete: Vec<String>,
     pub events: Vec<EventSpec>,
@@ -84,226 +75,303 @@ pub struct Decision {
     pub requeue: Option<Duration>,
 }
 
-fn until(now: Timestamp, at: Timestamp) -> Duration {
-    let secs = at.duration_since(now).as_secs_f64();
-    Duration::from_secs_f64(secs.max(0.0)).max(Duration::from_millis(200))
-}
-
-/// Decides one reconcile of `job`, given its pods (any pods labelled for it).
-pub fn decide(job: &TravelJob, pods: &[PodView], settings: &Settings, now: Timestamp) -> Decision {
+/// Decides one reconcile of `job`, given its plan (or why its spec gets no
+/// pods: [`crate::policy::SpecPolicy::admit`]) and its pods.
+pub fn decide(
+    job: &TravelJob,
+    plan: &Result<Plan, SpecRejection>,
+    pods: &[PodView],
+    settings: &Settings,
+    now: Timestamp,
+) -> Decision {
     let prev = job.status.clone().unwrap_or_default();
-    let generation = job.metadata.generation;
-    let mut status = prev.clone();
-    status.observed_generation = generation;
-    let mut d = Decision::default();
-    let active_pods = || {
-        pods.iter()
-            .filter(|p| !p.terminating && !p.phase.is_finished())
-            .map(|p| p.name.clone())
-            .collect::<Vec<_>>()
-    };
-
-    // A finished job stays finished (unless it failed validation and the spec
-    // changed since): only its TTL and stray pods are handled.
-    let invalid_before = failed_reason(&prev) == Some(REASON_INVALID);
-    if prev.phase.is_finished() && !invalid_before {
-        d.delete = active_pods();
-        finish_ttl(job, &prev, now, &mut d);
-        d.status = prev;
-        d.status.observed_generation = generation;
-        return d;
-    }
-
-    // The v1.20 test API server ignores CEL rules, and older ones too: validate here.
-    if let Err(errors) = validate(&job.spec) {
-        status.phase = JobPhase::Failed;
-        status.message = Some(errors.to_string());
-        status.completion_time = prev.completion_time.clone().or(Some(Time(now)));
-        set_conditions(&mut status, REASON_INVALID, generation, now);
-        if !(invalid_before && prev.message == status.message) {
-            d.events
-                .push(EventSpec::warning(REASON_INVALID, errors.to_string()));
+    let mut d = if prev.phase.is_finished() && !spec_rejected(&prev) {
+        // A finished job stays finished (unless its spec was rejected and may
+        // have changed since): only its TTL and stray pods are handled.
+        Decision {
+            status: prev,
+            delete: active_pods(pods),
+            ..Default::default()
         }
-        d.delete = active_pods();
-        d.status = status;
-        finish_ttl(job, &d.status.clone(), now, &mut d);
-        return d;
-    }
-    if invalid_before {
-        // The spec was fixed: start over.
-        status.completion_time = None;
-        status.message = None;
-    }
-
-    let plan = Plan::from_spec(&job.spec);
-    let out_dir = output_dir(job);
-    let limit = job.spec.backoff_limit;
-    let prev_step = |step: StepId| match step {
-        StepId::Prompts => prev.prompts.clone(),
-        StepId::Segment(i) => prev
-            .segments
-            .iter()
-            .find(|s| s.index == i)
-            .map(|s| s.step.clone()),
-        StepId::Stitch => prev.stitch.clone(),
-    };
-    let mut steps: Vec<StepState> = plan
-        .steps()
-        .into_iter()
-        .map(|step| {
-            let mine: Vec<&PodView> = pods.iter().filter(|p| p.step == step).collect();
-            fold_step(
-                step,
-                &mine,
-                prev_step(step).as_ref(),
-                limit,
-                settings.backoff,
-                now,
-            )
-        })
-        .collect();
-    status.video_model = Some(plan.video_model_label());
-
-    let failed = steps.iter().find(|s| s.phase == StepPhase::Failed).cloned();
-    let succeeded = steps
-        .iter()
-        .any(|s| s.step == StepId::Stitch && s.phase == StepPhase::Succeeded);
-    let mut reason = String::new();
-
-    if let Some(failed) = failed {
-        // Out of retries: the job fails, nothing downstream starts, and what is
-        // still running is stopped.
-        let blocked: Vec<String> = steps
-            .iter()
-            .filter(|s| s.phase == StepPhase::Pending)
-            .map(|s| step_name(s.step))
-            .collect();
-        status.phase = JobPhase::Failed;
-        status.message = Some(format!(
-            "{} {}{}",
-            step_name(failed.step),
-            failed.status.message.clone().unwrap_or_default(),
-            if blocked.is_empty() {
-                String::new()
-            } else {
-                format!("; not started: {}", blocked.join(", "))
-            }
-        ));
-        reason = "BackoffLimitExceeded".into();
-        status.completion_time = prev.completion_time.clone().or(Some(Time(now)));
-        d.delete = active_pods();
-    } else if succeeded {
-        status.phase = JobPhase::Succeeded;
-        let stitch = steps.iter().find(|s| s.step == StepId::Stitch);
-        status.completion_time = prev
-            .completion_time
-            .clone()
-            .or_else(|| stitch.and_then(|s| s.status.finish_time.clone()))
-            .or(Some(Time(now)));
-        reason = "Completed".into();
-    } else if job.spec.suspend {
-        status.phase = JobPhase::Suspended;
-        status.message = Some("suspended: no new pods start and running ones are stopped".into());
-        d.delete = active_pods();
     } else {
-        // Start what is ready.
-        let done: BTreeSet<StepId> = steps
-            .iter()
-            .filter(|s| s.phase == StepPhase::Succeeded)
-            .map(|s| s.step)
-            .collect();
-        let busy: BTreeSet<StepId> = steps
-            .iter()
-            .filter(|s| {
-                matches!(s.phase, StepPhase::Running | StepPhase::Retrying) || s.terminating
-            })
-            .map(|s| s.step)
-            .collect();
-        for step in plan.ready_steps(&done, &busy) {
-            if let Some(s) = steps.iter_mut().find(|s| s.step == step) {
-                d.create.push((step, s.next_attempt));
-                mark_started(s, &job_name(job), now);
-            }
+        match plan {
+            // Old API servers (the v1.20 test one too) ignore the CRD's CEL
+            // rules: the spec is validated here.
+            Err(rejection) => rejected(job, &prev, rejection, pods, now),
+            Ok(plan) => advance(job, plan, &prev, pods, settings, now),
         }
-        for s in steps
-            .iter_mut()
-            .filter(|s| s.phase == StepPhase::Retrying && !s.terminating)
-        {
-            match s.retry_at {
-                Some(at) if at > now => {
-                    let wait = until(now, at);
-                    d.requeue = Some(d.requeue.map_or(wait, |r: Duration| r.min(wait)));
-                }
-                _ => {
-                    d.create.push((s.step, s.next_attempt));
-                    mark_started(s, &job_name(job), now);
-                }
-            }
-        }
-        status.phase = running_phase(&steps);
-        status.message = Some(progress_message(&steps));
-        if status.start_time.is_none() {
-            status.start_time = Some(Time(now));
-        }
-        status.completion_time = None;
+    };
+    d.status.observed_generation = job.metadata.generation;
+    if d.status.phase.is_finished() {
+        finish_ttl(job, now, &mut d);
     }
-
-    let step_statuses = steps.iter().map(|s| (s.step, s.status.clone())).collect();
-    status.fold_steps(&plan, &step_statuses, &out_dir);
-    if status.phase == JobPhase::Succeeded {
-        status.message = Some(match &status.output {
-            Some(out) => format!(
-                "wrote {out} ({} frames at {} fps){}",
-                plan.total_frames,
-                plan.fps,
-                if plan.is_preview() {
-                    ", preview model"
-                } else {
-                    ""
-                }
-            ),
-            None => "succeeded".into(),
-        });
-    }
-    set_conditions(&mut status, &reason, generation, now);
-    d.events.extend(transitions(&prev, &status, &steps));
-    if status.phase.is_finished() {
-        finish_ttl(job, &status, now, &mut d);
-    } else if status.phase != JobPhase::Suspended {
-        d.requeue = Some(
-            d.requeue
-                .map_or(settings.resync, |r| r.min(settings.resync)),
-        );
-    }
-    d.status = status;
     d
 }
 
-fn job_name(job: &TravelJob) -> String {
-    job.metadata.name.clone().unwrap_or_default()
+/// How long a pod the API server could not create (a quota, an admission
+/// webhook, the server unavailable) waits before it is tried again.
+pub const CREATE_RETRY: Duration = Duration::from_secs(15);
+
+/// The API server could not create `pod` for a reason that may pass (403 from
+/// a ResourceQuota or Pod Security admission, 5xx, a timeout): its step shows
+/// why and waits, a warning event says so, and the job is reconciled again
+/// after [`CREATE_RETRY`] (the attempt is not used up: no pod ran).
+pub fn pod_not_created(d: &mut Decision, pod: &NewPod, why: &str) {
+    let StepAttempt { step, attempt } = pod.attempt;
+    let message = format!(
+        "pod {} could not be created: {why}; trying again in {}s",
+        pod.name,
+        CREATE_RETRY.as_secs()
+    );
+    if let Some(s) = d.status.step_mut(step) {
+        s.phase = StepPhase::Pending;
+        s.pod = None;
+        s.start_time = None;
+        s.attempts = attempt - 1;
+        s.message = Some(message.clone());
+    }
+    d.status.message = Some(format!("{step}: {message}"));
+    d.requeue = Some(d.requeue.map_or(CREATE_RETRY, |r| r.min(CREATE_RETRY)));
+    d.events.push(
+        EventSpec::warning("FailedCreatePod", format!("{step}: {message}"))
+            .for_action("CreatePod")
+            .about(Some(pod.name.clone())),
+    );
 }
 
-/// A step whose pod is being created this reconcile shows as running at once.
-fn mark_started(s: &mut StepState, job: &str, now: Timestamp) {
-    let name = crate::pods::pod_name(job, s.step, s.next_attempt);
-    s.phase = StepPhase::Running;
-    s.status.phase = StepPhase::Running;
-    s.status.attempts = s.next_attempt;
-    s.status.start_time = Some(Time(now));
-    s.status.finish_time = None;
-    s.status.message = Some(format!("created pod {name}"));
-    s.status.pod = Some(name);
+/// The API server refused `pod` itself (a bad quantity, a forbidden field):
+/// retrying cannot help, so the job fails.
+pub fn pod_refused(job: &TravelJob, d: &mut Decision, pod: &NewPod, why: &str, now: Timestamp) {
+    let message = format!(
+        "the API server rejected pod {} for {}: {why}",
+        pod.name, pod.attempt.step
+    );
+    d.status.phase = JobPhase::Failed;
+    d.status.message = Some(message.clone());
+    d.status.completion_time = Some(Time(now));
+    set_conditions(
+        &mut d.status,
+        REASON_POD_REJECTED,
+        job.metadata.generation,
+        now,
+    );
+    d.events.push(
+        EventSpec::warning(REASON_POD_REJECTED, message)
+            .for_action("CreatePod")
+            .about(Some(pod.name.clone())),
+    );
 }
 
+fn active_pods(pods: &[PodView]) -> Vec<String> {
+    pods.iter()
+        .filter(|p| p.is_active())
+        .map(|p| p.name.clone())
+        .collect()
+}
+
+/// The spec does not validate or is forbidden here: the job fails with every
+/// problem named, once.
+fn rejected(
+    job: &TravelJob,
+    prev: &TravelJobStatus,
+    rejection: &SpecRejection,
+    pods: &[PodView],
+    now: Timestamp,
+) -> Decision {
+    let mut status = prev.clone();
+    status.phase = JobPhase::Failed;
+    status.message = Some(rejection.message.clone());
+    status.completion_time = prev.completion_time.clone().or(Some(Time(now)));
+    set_conditions(&mut status, rejection.reason, job.metadata.generation, now);
+    let said_before =
+        failed_reason(prev) == Some(rejection.reason) && prev.message == status.message;
+    Decision {
+        status,
+        delete: active_pods(pods),
+        events: if said_before {
+            Vec::new()
+        } else {
+            vec![EventSpec::warning(
+                rejection.reason,
+                rejection.message.clone(),
+            )]
+        },
+        ..Default::default()
+    }
+}
+
+/// A valid, unfinished job: its steps folded from its pods, then failed,
+/// succeeded, suspended, or moved on by starting what is ready.
+fn advance(
+    job: &TravelJob,
+    plan: &Plan,
+    prev: &TravelJobStatus,
+    pods: &[PodView],
+    settings: &Settings,
+    now: Timestamp,
+) -> Decision {
+    let mut d = Decision {
+        status: prev.clone(),
+        ..Default::default()
+    };
+    if spec_rejected(prev) {
+        // The spec was fixed: start over.
+        d.status.completion_time = None;
+        d.status.message = None;
+    }
+    let rules = FoldRules {
+        backoff_limit: job.spec.backoff_limit,
+        backoff: settings.backoff,
+        start_timeout: settings.start_timeout,
+        suspended: job.spec.suspend,
+        now,
+    };
+    let mut steps = fold_steps(plan, pods, prev, &rules);
+    // Pods whose container could not be started hold a GPU for nothing.
+    d.delete = steps.iter().flat_map(|s| s.delete.clone()).collect();
+    let mut reason = "";
+    if let Some(failed) = steps.iter().find(|s| s.phase == StepPhase::Failed) {
+        fail(&mut d, failed, &steps, prev, pods, now);
+        // A step a VLM policy failed says why; any other ran out of retries.
+        reason =
+            policy_failure_reason(failed.status.report.as_ref()).unwrap_or(REASON_BACKOFF_LIMIT);
+    } else if let Some(stitch) = steps
+        .iter()
+        .find(|s| s.step == StepId::Stitch && s.phase == StepPhase::Succeeded)
+    {
+        d.status.phase = JobPhase::Succeeded;
+        d.status.completion_time = prev
+            .completion_time
+            .clone()
+            .or_else(|| stitch.status.finish_time.clone())
+            .or(Some(Time(now)));
+    } else if job.spec.suspend {
+        d.status.phase = JobPhase::Suspended;
+        d.status.message = Some("suspended: no new pods start and running ones are stopped".into());
+        d.delete = active_pods(pods);
+    } else {
+        start_ready(job, plan, &mut steps, &mut d, now);
+    }
+
+    let step_statuses = steps.iter().map(|s| (s.step, s.status.clone())).collect();
+    d.status.fold_steps(plan, &step_statuses, &job.output_dir());
+    if d.status.phase == JobPhase::Succeeded {
+        d.status.message = Some(success_message(plan, &d.status));
+    }
+    set_conditions(&mut d.status, reason, job.metadata.generation, now);
+    d.events.extend(transitions(prev, &d.status, &steps));
+    if !d.status.phase.is_finished() && d.status.phase != JobPhase::Suspended {
+        let resync = settings.resync;
+        d.requeue = Some(d.requeue.map_or(resync, |r| r.min(resync)));
+    }
+    d
+}
+
+/// A step is out of retries: the job fails, nothing downstream starts, and
+/// what is still running is stopped.
+fn fail(
+    d: &mut Decision,
+    failed: &StepState,
+    steps: &[StepState],
+    prev: &TravelJobStatus,
+    pods: &[PodView],
+    now: Timestamp,
+) {
+    let blocked: Vec<String> = steps
+        .iter()
+        .filter(|s| s.phase == StepPhase::Pending)
+        .map(|s| s.step.to_string())
+        .collect();
+    let not_started = if blocked.is_empty() {
+        String::new()
+    } else {
+        format!("; not started: {}", blocked.join(", "))
+    };
+    d.status.phase = JobPhase::Failed;
+    d.status.message = Some(format!(
+        "{} {}{not_started}",
+        failed.step,
+        failed.status.message.as_deref().unwrap_or_default()
+    ));
+    d.status.completion_time = prev.completion_time.clone().or(Some(Time(now)));
+    d.delete = active_pods(pods);
+}
+
+/// Starts the steps that are ready and the retries whose backoff elapsed; the
+/// other retries say when to look again.
+fn start_ready(
+    job: &TravelJob,
+    plan: &Plan,
+    steps: &mut [StepState],
+    d: &mut Decision,
+    now: Timestamp,
+) {
+    let done: BTreeSet<StepId> = steps
+        .iter()
+        .filter(|s| s.phase == StepPhase::Succeeded)
+        .map(|s| s.step)
+        .collect();
+    let busy: BTreeSet<StepId> = steps
+        .iter()
+        .filter(|s| s.is_active() || s.terminating)
+        .map(|s| s.step)
+        .collect();
+    let mut starting = plan.ready_steps(&done, &busy);
+    for s in steps
+        .iter()
+        .filter(|s| s.phase == StepPhase::Retrying && !s.terminating)
+    {
+        match s.retry_at {
+            Some(at) if at > now => {
+                let wait = until(now, at);
+                d.requeue = Some(d.requeue.map_or(wait, |r| r.min(wait)));
+            }
+            _ => starting.push(s.step),
+        }
+    }
+    for s in steps.iter_mut().filter(|s| starting.contains(&s.step)) {
+        let pod = NewPod::new(job, plan, s.step.attempt(s.next_attempt));
+        s.start(&pod.name, now);
+        d.create.push(pod);
+    }
+    d.status.phase = running_phase(steps);
+    d.status.message = Some(progress_message(steps));
+    if d.status.start_time.is_none() {
+        d.status.start_time = Some(Time(now));
+    }
+    d.status.completion_time = None;
+}
+
+/// The job's phase while it runs, from its steps.
+fn running_phase(steps: &[StepState]) -> JobPhase {
+    let active = |step: StepId| steps.iter().any(|s| s.step == step && s.is_active());
+    let segment_started = steps
+        .iter()
+        .any(|s| matches!(s.step, StepId::Segment(_)) && s.phase != StepPhase::Pending);
+    let prompts_done = steps
+        .iter()
+        .any(|s| s.step == StepId::Prompts && s.phase == StepPhase::Succeeded);
+    if active(StepId::Stitch) {
+        JobPhase::Stitching
+    } else if segment_started || prompts_done {
+        JobPhase::Generating
+    } else if active(StepId::Prompts) {
+        JobPhase::Prompting
+    } else {
+        JobPhase::Pending
+    }
+}
+
+/// What the active steps are doing, or "waiting".
 fn progress_message(steps: &[StepState]) -> String {
     let active: Vec<String> = steps
         .iter()
-        .filter(|s| matches!(s.phase, StepPhase::Running | StepPhase::Retrying))
+        .filter(|s| s.is_active())
         .map(|s| {
             format!(
                 "{}: {}",
-                step_name(s.step),
-                s.status.message.clone().unwrap_or_default()
+                s.step,
+                s.status.message.as_deref().unwrap_or_default()
             )
         })
         .collect();
@@ -314,10 +382,30 @@ fn progress_message(steps: &[StepState]) -> String {
     }
 }
 
+/// The final video, its length and the model that made it.
+fn success_message(plan: &Plan, status: &TravelJobStatus) -> String {
+    match &status.output {
+        Some(out) => format!(
+            "wrote {out} ({} frames at {} fps) with {}",
+            plan.total_frames,
+            plan.fps,
+            plan.video_model_label()
+        ),
+        None => "succeeded".into(),
+    }
+}
+
+fn until(now: Timestamp, at: Timestamp) -> Duration {
+    let secs = at.duration_since(now).as_secs_f64();
+    Duration::from_secs_f64(secs.max(0.0)).max(Duration::from_millis(200))
+}
+
 /// TTL after finishing: delete the job when it elapsed, else look again then.
-fn finish_ttl(job: &TravelJob, status: &TravelJobStatus, now: Timestamp, d: &mut Decision) {
-    let (Some(ttl), Some(done)) = (job.spec.ttl_seconds_after_finished, &status.completion_time)
-    else {
+fn finish_ttl(job: &TravelJob, now: Timestamp, d: &mut Decision) {
+    let (Some(ttl), Some(done)) = (
+        job.spec.ttl_seconds_after_finished,
+        &d.status.completion_time,
+    ) else {
         return;
     };
     let at = done.0 + Duration::from_secs(ttl.max(0) as u64);
@@ -329,85 +417,26 @@ fn finish_ttl(job: &TravelJob, status: &TravelJobStatus, now: Timestamp, d: &mut
     }
 }
 
-/// Events for what changed between the previous status and the new one.
-fn transitions(
-    prev: &TravelJobStatus,
-    new: &TravelJobStatus,
-    steps: &[StepState],
-) -> Vec<EventSpec> {
-    let mut events = Vec::new();
-    let prev_step = |step: StepId| match step {
-        StepId::Prompts => prev.prompts.as_ref(),
-        StepId::Segment(i) => prev.segments.iter().find(|s| s.index == i).map(|s| &s.step),
-        StepId::Stitch => prev.stitch.as_ref(),
-    };
-    for s in steps {
-        let before = prev_step(s.step);
-        let changed = before.map(|b| (b.phase, b.attempts)) != Some((s.phase, s.status.attempts));
-        if !changed {
-            continue;
-        }
-        let msg = s.status.message.clone().unwrap_or_default();
-        match s.phase {
-            StepPhase::Retrying => events.push(
-                EventSpec::warning("BackOff", format!("{} {msg}", step_name(s.step)))
-                    .about(s.status.pod.clone()),
-            ),
-            StepPhase::Failed => events.push(
-                EventSpec::warning("StepFailed", format!("{} {msg}", step_name(s.step)))
-                    .about(s.status.pod.clone()),
-            ),
-            StepPhase::Succeeded if before.map(|b| b.phase) != Some(StepPhase::Succeeded) => events
-                .push(
-                    EventSpec::normal(
-                        "StepSucceeded",
-                        format!(
-                            "{} succeeded (pod {})",
-                            step_name(s.step),
-                            s.status.pod.clone().unwrap_or_default()
-                        ),
-                    )
-                    .about(s.status.pod.clone()),
-                ),
-            _ => {}
-        }
-    }
-    if prev.phase != new.phase {
-        let note = new.message.clone().unwrap_or_default();
-        events.push(match new.phase {
-            JobPhase::Failed => EventSpec::warning("Failed", note),
-            JobPhase::Succeeded => EventSpec::normal("Succeeded", note),
-            JobPhase::Suspended => EventSpec::normal("Suspended", note),
-            _ if prev.phase == JobPhase::Suspended => {
-                EventSpec::normal("Resumed", format!("resumed: {note}"))
-            }
-            phase => EventSpec::normal(&format!("{phase:?}"), note),
-        });
-    }
-    events
-}
-
-/// True when a pod of this job is still running (used by tests and metrics).
-pub fn has_active_pods(pods: &[PodView]) -> bool {
-    pods.iter()
-        .any(|p| !p.phase.is_finished() && !p.terminating && p.phase != PodPhase::Failed)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pods::tests::{SPEC, job};
-    use crate::status::tests::{t, view};
-
-    fn settings() -> Settings {
-        Settings::default()
-    }
+    use crate::conditions::{COND_FAILED, REASON_INVALID};
+    use crate::fixtures::{SPEC, job, t, view};
+    use crate::observe::PodPhase;
+    use kubewan_crds::RunReport;
+    use kubewan_crds::conditions::COND_PROMPTS_FELL_BACK;
+    use kubewan_crds::report::{PromptOutcome, VlmIssue};
 
     /// Runs a decision and stores its status into the job, as the API would.
     fn step(job: &mut TravelJob, pods: &[PodView], now: i64) -> Decision {
-        let d = decide(job, pods, &settings(), t(now));
+        let plan = Plan::validated(&job.spec).map_err(SpecRejection::from);
+        let d = decide(job, &plan, pods, &Settings::default(), t(now));
         job.status = Some(d.status.clone());
         d
+    }
+
+    fn created(d: &Decision) -> Vec<StepAttempt> {
+        d.create.iter().map(|p| p.attempt).collect()
     }
 
     const NO_VLM: &str = "enhancePrompt: {enabled: false}\n";
@@ -416,7 +445,17 @@ mod tests {
     fn a_new_job_starts_its_first_segment() {
         let mut j = job(&format!("{SPEC}{NO_VLM}"));
         let d = step(&mut j, &[], 0);
-        assert_eq!(d.create, vec![(StepId::Segment(0), 1)]);
+        assert_eq!(created(&d), vec![StepId::Segment(0).attempt(1)]);
+        let pod = &d.create[0];
+        assert_eq!(pod.name, "trip-seg-0-1");
+        assert_eq!(
+            (
+                pod.task.step,
+                pod.task.job.as_str(),
+                pod.task.output_dir.as_str()
+            ),
+            (StepId::Segment(0), "studio/trip", "videos/studio/trip")
+        );
         assert_eq!(d.status.phase, JobPhase::Generating);
         assert_eq!(d.status.video_model.as_deref(), Some("preview (preview)"));
         assert_eq!(
@@ -425,7 +464,11 @@ mod tests {
         );
         assert_eq!(d.status.progress.as_deref(), Some("0/2"));
         assert_eq!(d.status.observed_generation, Some(3));
-        assert!(d.events.iter().any(|e| e.reason == "Generating"));
+        assert!(
+            d.events.is_empty(),
+            "starting is progress, not news: {:?}",
+            d.events
+        );
         assert!(d.requeue.is_some());
     }
 
@@ -433,7 +476,7 @@ mod tests {
     fn with_the_vlm_prompts_come_first() {
         let mut j = job(SPEC);
         let d = step(&mut j, &[], 0);
-        assert_eq!(d.create, vec![(StepId::Prompts, 1)]);
+        assert_eq!(created(&d), vec![StepId::Prompts.attempt(1)]);
         assert_eq!(d.status.phase, JobPhase::Prompting);
     }
 
@@ -455,11 +498,14 @@ mod tests {
         let mut j = job(&format!("{SPEC}{NO_VLM}"));
         let mut pods = vec![view(StepId::Segment(0), 1, PodPhase::Succeeded)];
         assert_eq!(
-            step(&mut j, &pods, 11).create,
-            vec![(StepId::Segment(1), 1)]
+            created(&step(&mut j, &pods, 11)),
+            vec![StepId::Segment(1).attempt(1)]
         );
         pods.push(view(StepId::Segment(1), 1, PodPhase::Succeeded));
-        assert_eq!(step(&mut j, &pods, 12).create, vec![(StepId::Stitch, 1)]);
+        assert_eq!(
+            created(&step(&mut j, &pods, 12)),
+            vec![StepId::Stitch.attempt(1)]
+        );
         assert_eq!(j.status.as_ref().unwrap().phase, JobPhase::Stitching);
         pods.push(view(StepId::Stitch, 1, PodPhase::Succeeded));
         let d = step(&mut j, &pods, 13);
@@ -467,6 +513,12 @@ mod tests {
         let s = &d.status;
         assert_eq!(s.phase, JobPhase::Succeeded);
         assert_eq!(s.output.as_deref(), Some("videos/studio/trip/stitch.mp4"));
+        assert_eq!(
+            s.message.as_deref(),
+            Some(
+                "wrote videos/studio/trip/stitch.mp4 (146 frames at 16 fps) with preview (preview)"
+            )
+        );
         assert_eq!(
             s.segments[1].output.as_deref(),
             Some("videos/studio/trip/segment-1.mp4")
@@ -502,7 +554,8 @@ mod tests {
         assert_eq!(d.status.segments[0].step.phase, StepPhase::Retrying);
         assert!(d.events.iter().any(|e| e.reason == "BackOff" && e.warning));
         let d = step(&mut j, &pods, 20);
-        assert_eq!(d.create, vec![(StepId::Segment(0), 2)]);
+        assert_eq!(created(&d), vec![StepId::Segment(0).attempt(2)]);
+        assert_eq!(d.create[0].name, "trip-seg-0-2");
         pods.push(view(StepId::Segment(0), 2, PodPhase::Failed));
         let d = step(&mut j, &pods, 40);
         assert!(d.create.is_empty(), "no dependant starts");
@@ -514,11 +567,11 @@ mod tests {
             .status
             .conditions
             .iter()
-            .find(|c| c.type_ == "Failed")
+            .find(|c| c.type_ == COND_FAILED)
             .unwrap();
         assert_eq!(
             (failed.status.as_str(), failed.reason.as_str()),
-            ("True", "BackoffLimitExceeded")
+            ("True", REASON_BACKOFF_LIMIT)
         );
         assert!(d.events.iter().any(|e| e.reason == "Failed" && e.warning));
     }
@@ -548,13 +601,13 @@ mod tests {
             msg.contains("spec.keyframes[1]") && msg.contains("'..'"),
             "{msg}"
         );
-        assert!(d.events.iter().any(|e| e.reason == "InvalidSpec"));
+        assert!(d.events.iter().any(|e| e.reason == REASON_INVALID));
         // The same invalid spec again: no new event.
         assert!(step(&mut j, &[], 1).events.is_empty());
         // Fixed: it starts.
         j.spec.keyframes = vec!["a.png".into(), "b.png".into()];
         let d = step(&mut j, &[], 2);
-        assert_eq!(d.create, vec![(StepId::Segment(0), 1)]);
+        assert_eq!(created(&d), vec![StepId::Segment(0).attempt(1)]);
         assert_eq!(d.status.phase, JobPhase::Generating);
     }
 
@@ -578,16 +631,17 @@ mod tests {
             .find(|c| c.type_ == "Suspended")
             .unwrap();
         assert_eq!(suspended.status, "True");
-        pods[1].terminating = true;
+        pods[1].deletion = Some(t(40));
         assert!(step(&mut j, &pods, 13).create.is_empty());
         pods.pop(); // gone
         j.spec.suspend = false;
         let d = step(&mut j, &pods, 14);
         assert_eq!(
-            d.create,
-            vec![(StepId::Segment(1), 1)],
-            "segment 0 is not redone"
+            created(&d),
+            vec![StepId::Segment(1).attempt(2)],
+            "segment 0 is not redone; the stopped attempt's pod name is not reused"
         );
+        assert_eq!(d.status.segments[1].step.failed_attempts, Vec::<u32>::new());
         assert_eq!(d.status.phase, JobPhase::Generating);
         assert!(d.events.iter().any(|e| e.reason == "Resumed"));
     }
@@ -610,9 +664,190 @@ mod tests {
         let mut j = job(&format!("{SPEC}{NO_VLM}chain: false\nparallelism: 1\n"));
         j.spec.keyframes = vec!["a".into(), "b".into(), "c".into(), "d".into()];
         let d = step(&mut j, &[], 0);
-        assert_eq!(d.create, vec![(StepId::Segment(0), 1)]);
+        assert_eq!(created(&d), vec![StepId::Segment(0).attempt(1)]);
         let pods = [view(StepId::Segment(0), 1, PodPhase::Failed)];
         let d = step(&mut j, &pods, 11);
         assert!(d.create.is_empty(), "{:?}", d.create);
+    }
+
+    /// One pod's life as the pod watch shows it: created (its time is the
+    /// pod's creation), started by the kubelet, running, succeeded.
+    fn life(step: StepId, created: i64) -> [PodView; 4] {
+        let at = |phase, started| PodView {
+            started: Some(t(started)),
+            ..view(step, 1, phase)
+        };
+        [
+            at(PodPhase::Pending, created),
+            at(PodPhase::Pending, created + 1),
+            at(PodPhase::Running, created + 1),
+            at(PodPhase::Succeeded, created + 1),
+        ]
+    }
+
+    #[test]
+    fn the_happy_path_writes_status_once_per_pod_and_the_end_and_one_event() {
+        // One segment and the stitch: issue 14's cheapest job.
+        let mut j = job(&format!("{SPEC}{NO_VLM}"));
+        j.spec.keyframes.truncate(2);
+        let (mut writes, mut events) = (0, Vec::new());
+        let mut reconcile = |j: &mut TravelJob, pods: &[PodView], now: i64| {
+            let before = j.status.clone();
+            let d = step(j, pods, now);
+            writes += usize::from(before.as_ref() != Some(&d.status));
+            events.extend(d.events.iter().map(|e| e.reason.clone()));
+            d
+        };
+        assert_eq!(created(&reconcile(&mut j, &[], 0)).len(), 1);
+        let mut now = 1;
+        for seg in life(StepId::Segment(0), 0) {
+            let d = reconcile(&mut j, &[seg], now);
+            now += 1;
+            if d.status.segments[0].step.phase == StepPhase::Succeeded {
+                assert_eq!(created(&d), vec![StepId::Stitch.attempt(1)]);
+            }
+        }
+        let seg = life(StepId::Segment(0), 0)[3].clone();
+        for stitch in life(StepId::Stitch, now) {
+            reconcile(&mut j, &[seg.clone(), stitch], now);
+            now += 1;
+        }
+        assert_eq!(j.status.as_ref().unwrap().phase, JobPhase::Succeeded);
+        assert_eq!(
+            writes, 3,
+            "segment started, stitch started with the segment's success, done"
+        );
+        assert_eq!(events, ["Succeeded"]);
+    }
+
+    #[test]
+    fn a_pod_that_starts_and_runs_writes_no_status_but_one_that_waits_says_why() {
+        let mut j = job(&format!("{SPEC}{NO_VLM}"));
+        let first = step(&mut j, &[], 0).status;
+        let message = first.segments[0].step.message.clone();
+        assert_eq!(message.as_deref(), Some("running in pod trip-seg-0-1"));
+        for seg in &life(StepId::Segment(0), 0)[..3] {
+            assert_eq!(step(&mut j, std::slice::from_ref(seg), 2).status, first);
+        }
+        let mut stuck = view(StepId::Segment(0), 1, PodPhase::Pending);
+        stuck.waiting = Some("ImagePullBackOff".into());
+        let d = step(&mut j, &[stuck], 3);
+        assert_eq!(
+            d.status.segments[0].step.message.as_deref(),
+            Some("pod trip-seg-0-1 is pending: ImagePullBackOff")
+        );
+    }
+
+    #[test]
+    fn a_pod_the_server_could_not_create_waits_with_the_reason_shown() {
+        let mut j = job(&format!("{SPEC}{NO_VLM}"));
+        let mut d = step(&mut j, &[], 0);
+        let pod = d.create[0].clone();
+        let why = "pods \"trip-seg-0-1\" is forbidden: exceeded quota: gpus";
+        pod_not_created(&mut d, &pod, why);
+        let seg = d.status.step(StepId::Segment(0)).unwrap();
+        assert_eq!(
+            (seg.phase, seg.pod.as_deref(), seg.attempts),
+            (StepPhase::Pending, None, 0)
+        );
+        let expected = format!("pod trip-seg-0-1 could not be created: {why}; trying again in 15s");
+        assert_eq!(seg.message.as_deref(), Some(expected.as_str()));
+        assert!(!d.status.phase.is_finished(), "nothing failed yet");
+        assert_eq!(d.requeue, Some(CREATE_RETRY));
+        let event = d.events.last().unwrap();
+        assert!(
+            event.warning && event.reason == "FailedCreatePod",
+            "{event:?}"
+        );
+        // The next reconcile, with no pod, creates attempt 1 again.
+        j.status = Some(d.status.clone());
+        let again = step(&mut j, &[], 20);
+        assert_eq!(again.create[0].name, "trip-seg-0-1");
+    }
+
+    #[test]
+    fn a_refused_pod_fails_the_job() {
+        let mut j = job(&format!("{SPEC}{NO_VLM}"));
+        let mut d = step(&mut j, &[], 0);
+        let pod = d.create[0].clone();
+        pod_refused(&j, &mut d, &pod, "quantities must match", t(1));
+        let s = &d.status;
+        assert_eq!(s.phase, JobPhase::Failed);
+        assert_eq!(
+            s.message.as_deref(),
+            Some("the API server rejected pod trip-seg-0-1 for segment 0: quantities must match")
+        );
+        assert_eq!(s.completion_time, Some(Time(t(1))));
+        assert_eq!(failed_reason(s), Some(REASON_POD_REJECTED));
+        let event = d.events.last().unwrap();
+        assert!(event.warning && event.reason == REASON_POD_REJECTED);
+        assert_eq!(event.pod.as_deref(), Some("trip-seg-0-1"));
+        // The next reconcile keeps it failed and stops what was started.
+        j.status = Some(d.status.clone());
+        let d = step(&mut j, &[view(StepId::Segment(0), 1, PodPhase::Running)], 2);
+        assert_eq!(d.status.phase, JobPhase::Failed);
+        assert_eq!(d.delete, vec!["trip-seg-0-1".to_string()]);
+    }
+
+    /// The prompts pod's report: the VLM was refused, and what the policy made of it.
+    fn refused_prompts(view_phase: PodPhase, policy_failure: bool) -> PodView {
+        let mut v = view(StepId::Prompts, 1, view_phase);
+        let cause = Some(VlmIssue::VlmRefused);
+        v.report = Some(RunReport {
+            step: StepId::Prompts,
+            ok: !policy_failure,
+            prompts: if policy_failure {
+                Vec::new()
+            } else {
+                (0..2)
+                    .map(|segment| PromptOutcome {
+                        segment,
+                        prompt: "own".into(),
+                        fell_back: true,
+                        reason: Some("refusing phase vlm_generate".into()),
+                        cause,
+                        tokens: None,
+                    })
+                    .collect()
+            },
+            policy_failure: policy_failure.then_some(VlmIssue::VlmRefused),
+            ..Default::default()
+        });
+        v
+    }
+
+    #[test]
+    fn a_vlm_that_fell_back_is_a_condition_and_the_job_goes_on() {
+        let mut j = job(SPEC);
+        let d = step(&mut j, &[refused_prompts(PodPhase::Succeeded, false)], 11);
+        assert_eq!(created(&d), vec![StepId::Segment(0).attempt(1)]);
+        let c = d
+            .status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == COND_PROMPTS_FELL_BACK)
+            .expect("a PromptsFellBack condition");
+        assert_eq!(
+            (c.status.as_str(), c.reason.as_str()),
+            ("True", "VlmRefused")
+        );
+    }
+
+    #[test]
+    fn a_vlm_failed_by_its_policy_fails_the_job_with_the_cause_as_reason() {
+        let mut j = job(&format!(
+            "{SPEC}backoffLimit: 0\nenhancePrompt: {{onFailure: Fail}}\n"
+        ));
+        let d = step(&mut j, &[refused_prompts(PodPhase::Failed, true)], 11);
+        assert_eq!(d.status.phase, JobPhase::Failed);
+        assert!(d.create.is_empty());
+        assert_eq!(failed_reason(&d.status), Some("VlmRefused"));
+        assert!(
+            d.status
+                .conditions
+                .iter()
+                .all(|c| c.type_ != COND_PROMPTS_FELL_BACK),
+            "nothing fell back"
+        );
     }
 }

@@ -20,8 +20,8 @@ pub enum Error {
     #[error("leader election: {0}")]
     Leader(String),
 
-    #[error("metrics and health server: {0}")]
-    Server(#[from] std::io::Error),
+    #[error("the runner pods' watch cache is not ready (is the pod watch failing?)")]
+    PodCacheNotReady,
 }
 
 impl Error {
@@ -32,7 +32,7 @@ impl Error {
             Error::Serialize { .. } => "serialize",
             Error::MissingField(_) => "missing_field",
             Error::Leader(_) => "leader",
-            Error::Server(_) => "server",
+            Error::PodCacheNotReady => "pod_cache_not_ready",
         }
     }
 

@@ -6,16 +6,19 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use anyhow::{Context as _, anyhow};
 use clap::Parser;
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::runtime::events::Recorder;
+use kube::runtime::reflector;
 use kube::{Api, Client, Config};
 use kubewan_operator::controller::{self, Context};
 use kubewan_operator::decide::Settings;
 use kubewan_operator::leader::{LeaderElector, LeaseSettings};
 use kubewan_operator::metrics::{self, Health, Metrics};
 use kubewan_operator::pods::PodDefaults;
-use kubewan_operator::status::Backoff;
+use kubewan_operator::policy::{SpecPolicy, VolumeKind};
+use kubewan_operator::step::Backoff;
 use kubewan_operator::telemetry::{self, LogFormat};
 
 #[derive(Parser, Debug)]
@@ -58,6 +61,24 @@ struct Args {
     )]
     runner_image: String,
 
+    /// Images a TravelJob's spec.runner.image may name, besides the
+    /// repository of --runner-image (always allowed): a repository (any tag
+    /// or digest of it, e.g. registry.example/ml/runner) or a prefix ending in
+    /// '/' (every repository under it, e.g. registry.example/ml/). Repeatable
+    /// or comma-separated.
+    #[arg(long, env = "KUBEWAN_ALLOWED_IMAGES", value_delimiter = ',')]
+    allowed_images: Vec<String>,
+
+    /// Volume kinds a TravelJob may mount (persistentVolumeClaim, nfs,
+    /// hostPath). Repeatable or comma-separated.
+    #[arg(
+        long,
+        env = "KUBEWAN_ALLOWED_VOLUME_KINDS",
+        value_delimiter = ',',
+        default_value = "persistentVolumeClaim"
+    )]
+    allowed_volume_kinds: Vec<VolumeKind>,
+
     /// imagePullPolicy of runner pods that do not set their own.
     #[arg(long, env = "KUBEWAN_RUNNER_IMAGE_PULL_POLICY")]
     runner_image_pull_policy: Option<String>,
@@ -69,6 +90,11 @@ struct Args {
     /// Longest retry delay, in seconds.
     #[arg(long, env = "KUBEWAN_BACKOFF_MAX_SECONDS", default_value_t = 360.0)]
     backoff_max_seconds: f64,
+
+    /// How long the kubelet may fail to start a runner pod's container (image
+    /// pull, missing configuration) before the attempt counts as failed, in seconds.
+    #[arg(long, env = "KUBEWAN_START_TIMEOUT_SECONDS", default_value_t = 300)]
+    start_timeout_seconds: u64,
 
     /// How often an active job is re-examined without any event, in seconds.
     #[arg(long, env = "KUBEWAN_RESYNC_SECONDS", default_value_t = 300)]
@@ -106,13 +132,19 @@ fn own_namespace() -> Option<String> {
 }
 
 #[tokio::main]
-async fn main() -> anyhow_free::Result {
+async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     telemetry::init(args.log_format);
 
-    let mut config = Config::infer()
-        .await
-        .map_err(|e| format!("kubeconfig: {e}"))?;
+    let policy = SpecPolicy::new(
+        &args.runner_image,
+        &args.allowed_images,
+        &args.allowed_volume_kinds,
+    )
+    .map_err(|why| anyhow!("--runner-image / --allowed-images: {why}"))?;
+    tracing::info!(?policy, "what TravelJobs may use");
+
+    let mut config = Config::infer().await.context("kubeconfig")?;
     if let Some(user) = &args.impersonate {
         tracing::info!(%user, groups = ?args.impersonate_groups, "impersonating");
         config.auth_info.impersonate = Some(user.clone());
@@ -120,11 +152,11 @@ async fn main() -> anyhow_free::Result {
             config.auth_info.impersonate_groups = Some(args.impersonate_groups.clone());
         }
     }
-    let client = Client::try_from(config).map_err(|e| format!("client: {e}"))?;
+    let client = Client::try_from(config).context("client")?;
     let version = client
         .apiserver_version()
         .await
-        .map_err(|e| format!("API server unreachable: {e}"))?;
+        .context("API server unreachable")?;
     tracing::info!(version = %version.git_version, "connected to the API server");
 
     let metrics = Arc::new(Metrics::default());
@@ -141,8 +173,11 @@ async fn main() -> anyhow_free::Result {
             base: Duration::from_secs_f64(args.backoff_base_seconds.max(0.0)),
             max: Duration::from_secs_f64(args.backoff_max_seconds.max(0.0)),
         },
+        start_timeout: Duration::from_secs(args.start_timeout_seconds),
         resync: Duration::from_secs(args.resync_seconds.max(1)),
     };
+    // The runner pods' watch cache: read by reconcile, filled by the controller's pod watch.
+    let (pods, pod_cache) = reflector::store();
     let ctx = Arc::new(Context {
         client: client.clone(),
         recorder: Recorder::new(client.clone(), controller::reporter(&identity)),
@@ -152,6 +187,9 @@ async fn main() -> anyhow_free::Result {
             runner_image: args.runner_image.clone(),
             image_pull_policy: args.runner_image_pull_policy.clone(),
         },
+        policy,
+        pods,
+        own_writes: Default::default(),
     });
 
     let mut elector = None;
@@ -176,7 +214,7 @@ async fn main() -> anyhow_free::Result {
         health.ready.store(true, Ordering::Relaxed);
         tracing::info!(%identity, lease = %format!("{ns}/{}", args.lease_name), "waiting for the leader lease");
         tokio::select! {
-            r = e.acquire() => r.map_err(|e| e.to_string())?,
+            r = e.acquire() => r.context("taking the leader lease")?,
             _ = tokio::signal::ctrl_c() => return Ok(()),
             _ = sigterm() => return Ok(()),
         }
@@ -186,17 +224,17 @@ async fn main() -> anyhow_free::Result {
     metrics.leader.set(1);
     health.ready.store(true, Ordering::Relaxed);
 
-    let run = controller::run(client.clone(), args.namespace.clone(), ctx);
-    let outcome: Result<(), String> = match elector.as_mut() {
+    let run = controller::run(client.clone(), args.namespace.clone(), ctx, pod_cache);
+    let outcome: anyhow::Result<()> = match elector.as_mut() {
         Some(e) => {
             tokio::select! {
                 _ = run => Ok(()),
-                lost = e.keep() => Err(lost.to_string()),
+                lost = e.keep() => Err(lost.into()),
             }
         }
         None => tokio::select! {
             _ = run => Ok(()),
-            r = server => Err(format!("metrics server stopped: {r:?}")),
+            r = server => Err(anyhow!("metrics server stopped: {r:?}")),
         },
     };
     metrics.leader.set(0);
@@ -217,21 +255,5 @@ async fn sigterm() {
             s.recv().await;
         }
         Err(_) => std::future::pending().await,
-    }
-}
-
-/// `main`'s result: errors are printed as one line, exit code 1.
-mod anyhow_free {
-    pub type Result = std::result::Result<(), Message>;
-    pub struct Message(String);
-    impl From<String> for Message {
-        fn from(s: String) -> Self {
-            Message(s)
-        }
-    }
-    impl std::fmt::Debug for Message {
-        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-            f.write_str(&self.0)
-        }
     }
 }

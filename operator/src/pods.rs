@@ -1,8 +1,6 @@
-//! Pure: a stage's Pod, built from the TravelJob and its plan.
-//!
-//! Names are deterministic (`<job>-prompts-<attempt>`, `<job>-seg-<i>-<attempt>`,
-//! `<job>-stitch-<attempt>`), so creating a pod that already exists is a no-op
-//! conflict rather than a duplicate, whatever the operator's restarts.
+//! Pure: the one builder of a runner Pod, from the TravelJob and the
+//! [`NewPod`] decided for it (name, step attempt, task): labels, owner
+//! reference, GPU limits, volumes and a restricted security context.
 
 use std::collections::BTreeMap;
 
@@ -14,85 +12,17 @@ use k8s_openapi::api::core::v1::{
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use kube::api::ObjectMeta;
 use kube::{Resource, ResourceExt};
+use kubewan_crds::TravelJob;
 use kubewan_crds::spec::VolumeSource;
 use kubewan_crds::task::{CKPTS_MOUNT, INPUTS_MOUNT, OUTPUT_MOUNT, TASK_ENV};
-use kubewan_crds::{Plan, Stage, StepId, Task, TravelJob};
 
+use crate::decide::NewPod;
 use crate::error::{Error, Result};
 
-pub const LABEL_JOB: &str = "kubewan.dev/job";
-pub const LABEL_STAGE: &str = "kubewan.dev/stage";
-pub const LABEL_SEGMENT: &str = "kubewan.dev/segment";
-pub const LABEL_ATTEMPT: &str = "kubewan.dev/attempt";
-pub const LABEL_MANAGED_BY: &str = "app.kubernetes.io/managed-by";
-pub const MANAGER: &str = "kubewan-operator";
 /// The container that runs the runner (the one whose termination message is read).
 pub const CONTAINER: &str = "runner";
 /// The non-root user runner pods run as.
 pub const RUNNER_UID: i64 = 65532;
-
-/// The stage of a step, as the runner and the labels name it.
-pub fn stage_of(step: StepId) -> Stage {
-    match step {
-        StepId::Prompts => Stage::Prompts,
-        StepId::Segment(_) => Stage::Segment,
-        StepId::Stitch => Stage::Stitch,
-    }
-}
-
-/// `<job>-prompts-<attempt>`, `<job>-seg-<i>-<attempt>`, `<job>-stitch-<attempt>`.
-pub fn pod_name(job: &str, step: StepId, attempt: u32) -> String {
-    match step {
-        StepId::Prompts => format!("{job}-prompts-{attempt}"),
-        StepId::Segment(i) => format!("{job}-seg-{i}-{attempt}"),
-        StepId::Stitch => format!("{job}-stitch-{attempt}"),
-    }
-}
-
-/// A label value for the job name: the name itself when it fits the 63-character
-/// limit of label values, otherwise a prefix plus a stable hash.
-pub fn job_label_value(name: &str) -> String {
-    if name.len() <= 63 {
-        return name.to_owned();
-    }
-    // FNV-1a: stable across builds and platforms.
-    let hash = name.bytes().fold(0xcbf29ce484222325u64, |h, b| {
-        (h ^ b as u64).wrapping_mul(0x100000001b3)
-    });
-    let prefix: String = name.chars().take(46).collect();
-    format!("{}-{hash:016x}", prefix.trim_end_matches(['-', '.']))
-}
-
-/// The job's output folder, relative to the output volume:
-/// `<pathPrefix>/<namespace>/<name>`.
-pub fn output_dir(job: &TravelJob) -> String {
-    let prefix = job.spec.output.path_prefix.trim_matches('/');
-    let ns = job.namespace().unwrap_or_else(|| "default".into());
-    let rel = format!("{ns}/{}", job.name_any());
-    if prefix.is_empty() {
-        rel
-    } else {
-        format!("{prefix}/{rel}")
-    }
-}
-
-/// The task a step's runner performs.
-pub fn task(job: &TravelJob, plan: &Plan, step: StepId) -> Task {
-    Task {
-        job: format!(
-            "{}/{}",
-            job.namespace().unwrap_or_else(|| "default".into()),
-            job.name_any()
-        ),
-        stage: stage_of(step),
-        segment: match step {
-            StepId::Segment(i) => Some(i),
-            _ => None,
-        },
-        plan: plan.clone(),
-        output_dir: output_dir(job),
-    }
-}
 
 /// Operator-wide defaults for the pods it builds.
 #[derive(Clone, Debug)]
@@ -131,41 +61,50 @@ fn mount(name: &str, path: &str, read_only: bool) -> VolumeMount {
     }
 }
 
-/// Builds the Pod of `step` (attempt `attempt`, 1-based) of `job`.
-pub fn build_pod(
-    job: &TravelJob,
-    plan: &Plan,
-    step: StepId,
-    attempt: u32,
-    defaults: &PodDefaults,
-) -> Result<Pod> {
-    let name = job.name_any();
+/// The job's volumes and their mounts: checkpoints and inputs read-only, the
+/// output writable, and one volume per distinct source. A kubelet mounts a
+/// claim once per pod: a second volume of the same claim (e.g. inputs and
+/// output on one claim) never mounts and the pod waits forever in
+/// ContainerCreating. So a shared source is one volume, named after its first
+/// use, writable when any of its mounts is, mounted at each path.
+fn job_volumes(job: &TravelJob) -> (Vec<Volume>, Vec<VolumeMount>) {
+    let uses: [(&str, &VolumeSource, &str, bool); 3] = [
+        ("checkpoints", &job.spec.checkpoints, CKPTS_MOUNT, true),
+        ("inputs", &job.spec.inputs, INPUTS_MOUNT, true),
+        ("output", &job.spec.output.volume, OUTPUT_MOUNT, false),
+    ];
+    let mut volumes = Vec::new();
+    let mut mounts = Vec::new();
+    for (i, (name, source, path, read_only)) in uses.iter().enumerate() {
+        let first = uses[..i].iter().find(|u| u.1 == *source);
+        let volume_name = first.map_or(*name, |u| u.0);
+        if first.is_none() {
+            let all_read_only = uses.iter().all(|u| u.1 != *source || u.3);
+            volumes.push(volume(name, source, all_read_only));
+        }
+        mounts.push(mount(volume_name, path, *read_only));
+    }
+    (volumes, mounts)
+}
+
+/// Builds the Pod of `pod` for `job`.
+pub fn build_pod(job: &TravelJob, pod: &NewPod, defaults: &PodDefaults) -> Result<Pod> {
     let runner = &job.spec.runner;
-    let stage = stage_of(step);
     let owner = job
         .controller_owner_ref(&())
         .ok_or(Error::MissingField("metadata.uid"))?;
 
-    // Extra labels first, so the operator's own labels always win.
+    // Extra labels first, so the step's own labels always win.
     let mut labels: BTreeMap<String, String> = runner.labels.clone();
-    labels.insert(LABEL_JOB.into(), job_label_value(&name));
-    labels.insert(LABEL_STAGE.into(), stage.as_str().into());
-    if let StepId::Segment(i) = step {
-        labels.insert(LABEL_SEGMENT.into(), i.to_string());
-    }
-    labels.insert(LABEL_ATTEMPT.into(), attempt.to_string());
-    labels.insert(LABEL_MANAGED_BY.into(), MANAGER.into());
-    labels.insert("app.kubernetes.io/name".into(), "kubewan-runner".into());
+    labels.extend(pod.attempt.labels(&job.name_any()));
 
-    let task_json =
-        serde_json::to_string(&task(job, plan, step)).map_err(|source| Error::Serialize {
-            what: "the runner task",
-            source,
-        })?;
+    let task_json = serde_json::to_string(&pod.task).map_err(|source| Error::Serialize {
+        what: "the runner task",
+        source,
+    })?;
 
-    // GPU pods (prompts, segments) get the GPU limit and the memory figures of
-    // the spec; the stitch pod is CPU-only.
-    let gpu_pod = stage != Stage::Stitch;
+    // Prompts and segment pods of a `gpu` job get the GPU limit (and their
+    // task says so); the stitch pod is CPU-only.
     let mut requests = BTreeMap::new();
     let mut limits = BTreeMap::new();
     if let Some(cpu) = &runner.cpu_request {
@@ -177,13 +116,15 @@ pub fn build_pod(
     if let Some(mem) = &runner.memory_limit {
         limits.insert("memory".to_owned(), Quantity(mem.clone()));
     }
-    if gpu_pod && runner.gpus > 0 {
+    if pod.task.gpu {
         limits.insert(
             runner.gpu_resource.clone(),
             Quantity(runner.gpus.to_string()),
         );
     }
 
+    let (mut volumes, mut mounts) = job_volumes(job);
+    mounts.push(mount("tmp", "/tmp", false));
     let container = Container {
         name: CONTAINER.into(),
         image: Some(
@@ -202,12 +143,7 @@ pub fn build_pod(
             value: Some(task_json),
             ..Default::default()
         }]),
-        volume_mounts: Some(vec![
-            mount("checkpoints", CKPTS_MOUNT, true),
-            mount("inputs", INPUTS_MOUNT, true),
-            mount("output", OUTPUT_MOUNT, false),
-            mount("tmp", "/tmp", false),
-        ]),
+        volume_mounts: Some(mounts),
         resources: Some(ResourceRequirements {
             requests: (!requests.is_empty()).then_some(requests),
             limits: (!limits.is_empty()).then_some(limits),
@@ -232,20 +168,15 @@ pub fn build_pod(
         ..Default::default()
     };
 
-    let volumes = vec![
-        volume("checkpoints", &job.spec.checkpoints, true),
-        volume("inputs", &job.spec.inputs, true),
-        volume("output", &job.spec.output.volume, false),
-        Volume {
-            name: "tmp".into(),
-            empty_dir: Some(EmptyDirVolumeSource::default()),
-            ..Default::default()
-        },
-    ];
+    volumes.push(Volume {
+        name: "tmp".into(),
+        empty_dir: Some(EmptyDirVolumeSource::default()),
+        ..Default::default()
+    });
 
     Ok(Pod {
         metadata: ObjectMeta {
-            name: Some(pod_name(&name, step, attempt)),
+            name: Some(pod.name.clone()),
             namespace: job.namespace(),
             labels: Some(labels),
             annotations: (!runner.annotations.is_empty()).then(|| runner.annotations.clone()),
@@ -281,20 +212,11 @@ pub fn build_pod(
 }
 
 #[cfg(test)]
-pub(crate) mod tests {
+mod tests {
     use super::*;
-    use kubewan_crds::TravelJobSpec;
-
-    pub(crate) fn job(yaml: &str) -> TravelJob {
-        let spec: TravelJobSpec = serde_saphyr::from_str(yaml).unwrap();
-        let mut job = TravelJob::new("trip", spec);
-        job.metadata.namespace = Some("studio".into());
-        job.metadata.uid = Some("uid-1".into());
-        job.metadata.generation = Some(3);
-        job
-    }
-
-    pub(crate) const SPEC: &str = "keyframes: [a.png, b.png, c.png]\nmodel: {name: preview}\ncheckpoints: {persistentVolumeClaim: {claimName: ckpts}}\ninputs: {hostPath: {path: /data/in}}\noutput: {volume: {hostPath: {path: /data/out}}, pathPrefix: videos}\nrunner: {gpus: 2, memoryRequest: 32Gi, memoryLimit: 48Gi, cpuRequest: '4', nodeSelector: {gpu: a100}, tolerations: [{key: nvidia.com/gpu, operator: Exists, effect: NoSchedule}], priorityClassName: gpu-high, labels: {kueue.x-k8s.io/queue-name: videos, kubewan.dev/job: spoofed}, annotations: {team: art}}\nactiveDeadlineSeconds: 3600\n";
+    use crate::fixtures::{SPEC, job, new_pod};
+    use kubewan_crds::step::{LABEL_ATTEMPT, LABEL_JOB, LABEL_SEGMENT, LABEL_STAGE};
+    use kubewan_crds::{StepId, Task};
 
     fn defaults() -> PodDefaults {
         PodDefaults {
@@ -305,15 +227,11 @@ pub(crate) mod tests {
 
     fn build(step: StepId, attempt: u32) -> Pod {
         let job = job(SPEC);
-        let plan = Plan::from_spec(&job.spec);
-        build_pod(&job, &plan, step, attempt, &defaults()).unwrap()
+        build_pod(&job, &new_pod(&job, step, attempt), &defaults()).unwrap()
     }
 
     #[test]
-    fn names_are_deterministic() {
-        assert_eq!(pod_name("trip", StepId::Prompts, 1), "trip-prompts-1");
-        assert_eq!(pod_name("trip", StepId::Segment(2), 3), "trip-seg-2-3");
-        assert_eq!(pod_name("trip", StepId::Stitch, 1), "trip-stitch-1");
+    fn the_pod_carries_the_decided_name() {
         assert_eq!(
             build(StepId::Segment(1), 2).metadata.name.as_deref(),
             Some("trip-seg-1-2")
@@ -372,6 +290,27 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn the_task_says_whether_its_pod_has_a_gpu() {
+        let gpu_job = job(SPEC);
+        assert!(new_pod(&gpu_job, StepId::Segment(0), 1).task.gpu);
+        assert!(new_pod(&gpu_job, StepId::Prompts, 1).task.gpu);
+        assert!(!new_pod(&gpu_job, StepId::Stitch, 1).task.gpu);
+        // On the CPU on purpose: no GPU limit, and the runner is told so.
+        let cpu_job = job(&SPEC.replace("runner: {gpus: 2,", "runner: {device: cpu, gpus: 2,"));
+        let pod = new_pod(&cpu_job, StepId::Segment(0), 1);
+        assert!(!pod.task.gpu);
+        let pod = build_pod(&cpu_job, &pod, &defaults()).unwrap();
+        let limits = pod.spec.unwrap().containers[0]
+            .resources
+            .clone()
+            .unwrap()
+            .limits
+            .unwrap_or_default();
+        assert!(!limits.contains_key("nvidia.com/gpu"), "{limits:?}");
+        assert_eq!(limits["memory"], Quantity("48Gi".into()));
+    }
+
+    #[test]
     fn scheduling_fields_come_from_the_spec() {
         let spec = build(StepId::Segment(0), 1).spec.unwrap();
         assert_eq!(spec.node_selector.unwrap()["gpu"], "a100");
@@ -385,17 +324,21 @@ pub(crate) mod tests {
         assert_eq!(spec.automount_service_account_token, Some(false));
     }
 
-    #[test]
-    fn volumes_are_mounted_read_only_except_output() {
-        let spec = build(StepId::Segment(0), 1).spec.unwrap();
-        let c = &spec.containers[0];
-        let mounts: Vec<(String, String, bool)> = c
+    /// (volume, path, read-only) of the runner container's mounts.
+    fn mounts(spec: &PodSpec) -> Vec<(String, String, bool)> {
+        spec.containers[0]
             .volume_mounts
             .clone()
             .unwrap()
             .into_iter()
             .map(|m| (m.name, m.mount_path, m.read_only.unwrap()))
-            .collect();
+            .collect()
+    }
+
+    #[test]
+    fn volumes_are_mounted_read_only_except_output() {
+        let spec = build(StepId::Segment(0), 1).spec.unwrap();
+        let mounts = mounts(&spec);
         assert!(mounts.contains(&("checkpoints".into(), "/ckpts".into(), true)));
         assert!(mounts.contains(&("inputs".into(), "/inputs".into(), true)));
         assert!(mounts.contains(&("output".into(), "/output".into(), false)));
@@ -408,6 +351,39 @@ pub(crate) mod tests {
         );
         let out = volumes.iter().find(|v| v.name == "output").unwrap();
         assert_eq!(out.host_path.as_ref().unwrap().path, "/data/out");
+    }
+
+    #[test]
+    fn a_claim_used_for_inputs_and_output_is_one_volume_mounted_twice() {
+        let shared = SPEC
+            .replace(
+                "inputs: {hostPath: {path: /data/in}}",
+                "inputs: {persistentVolumeClaim: {claimName: data}}",
+            )
+            .replace(
+                "output: {volume: {hostPath: {path: /data/out}}",
+                "output: {volume: {persistentVolumeClaim: {claimName: data}}",
+            );
+        let job = job(&shared);
+        let pod = build_pod(&job, &new_pod(&job, StepId::Segment(0), 1), &defaults()).unwrap();
+        let spec = pod.spec.unwrap();
+        let names: Vec<&str> = spec
+            .volumes
+            .as_ref()
+            .unwrap()
+            .iter()
+            .map(|v| v.name.as_str())
+            .collect();
+        assert_eq!(names, ["checkpoints", "inputs", "tmp"]);
+        // Writable, since the output is written through it.
+        let data = &spec.volumes.as_ref().unwrap()[1];
+        assert_eq!(
+            data.persistent_volume_claim.as_ref().unwrap().read_only,
+            Some(false)
+        );
+        let mounts = mounts(&spec);
+        assert!(mounts.contains(&("inputs".into(), "/inputs".into(), true)));
+        assert!(mounts.contains(&("inputs".into(), "/output".into(), false)));
     }
 
     #[test]
@@ -444,8 +420,7 @@ pub(crate) mod tests {
             .unwrap();
         let task: Task = serde_json::from_str(&task_json).unwrap();
         assert_eq!(task.job, "studio/trip");
-        assert_eq!(task.stage, Stage::Segment);
-        assert_eq!(task.segment, Some(1));
+        assert_eq!(task.step, StepId::Segment(1));
         assert_eq!(task.output_dir, "videos/studio/trip");
         assert_eq!(task.plan.segments.len(), 2);
     }
@@ -454,20 +429,10 @@ pub(crate) mod tests {
     fn spec_image_wins_over_the_default() {
         let mut j = job(SPEC);
         j.spec.runner.image = Some("mine:1".into());
-        let plan = Plan::from_spec(&j.spec);
-        let pod = build_pod(&j, &plan, StepId::Stitch, 1, &defaults()).unwrap();
+        let pod = build_pod(&j, &new_pod(&j, StepId::Stitch, 1), &defaults()).unwrap();
         assert_eq!(
             pod.spec.unwrap().containers[0].image.as_deref(),
             Some("mine:1")
         );
-    }
-
-    #[test]
-    fn long_job_names_get_a_valid_label() {
-        let name = "x".repeat(100);
-        let v = job_label_value(&name);
-        assert!(v.len() <= 63, "{v}");
-        assert_eq!(v, job_label_value(&name));
-        assert_ne!(v, job_label_value(&"y".repeat(100)));
     }
 }

@@ -2,10 +2,15 @@
 //! pipeline stages and local mode. The binary `kubewan-runner` is a thin CLI
 //! over these modules.
 
+pub mod admission;
+pub mod bench;
 pub mod ckpts;
 pub mod fsutil;
+pub mod fuzzing;
 pub mod local;
+pub mod logging;
 pub mod memplot;
+pub mod panics;
 pub mod preview;
 pub mod probe;
 pub mod progress;

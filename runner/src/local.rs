@@ -1,56 +1,43 @@
 //! Local mode: `kubewan-runner local JOB.yaml` runs the same stages as the
 //! cluster (prompts, segments, stitch) in one process, walking the same stage
 //! graph ([`Plan::ready_steps`]), and folds the reports into the same
-//! [`TravelJobStatus`] the operator writes.
+//! [`TravelJobStatus`] the operator writes, VLM policy conditions included.
+//! The job file is held to the cluster's rules: the CRD schema and the
+//! operator's validation. The job's `spec.runner.memoryLimit` holds the
+//! stages' memory admission here as the pod's cgroup would on a cluster.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use kube::ResourceExt;
+use k8s_openapi::jiff::Timestamp;
+use kubewan_crds::conditions::set_vlm_conditions;
+use kubewan_crds::limits::MAX_JOB_FILE_BYTES;
+use kubewan_crds::manifest::parse_job;
 use kubewan_crds::status::{JobPhase, StepPhase, StepStatus, TravelJobStatus};
-use kubewan_crds::task::{Stage, Task};
-use kubewan_crds::{Plan, StepId, TravelJob, TravelJobSpec};
+use kubewan_crds::{Plan, StepId, Task, TravelJob};
+use kubewan_model_common::device::DeviceChoice;
 
+use crate::fsutil::read_text_bounded;
 use crate::progress::{Bar, Progress, Silent};
 use crate::report::summary;
 use crate::stages::{self, Mounts};
 
-/// Reads a job file: a whole `TravelJob` manifest (what `kubectl apply` takes)
-/// or just its spec.
+/// Reads a job file: a whole `TravelJob` manifest (what `kubectl apply`
+/// takes) or just its spec, checked under the cluster's rules
+/// ([`kubewan_crds::manifest::parse_job`]: apiVersion, kind, unknown fields,
+/// schema bounds, then the operator's validation). The file must be a
+/// regular file of at most [`MAX_JOB_FILE_BYTES`].
 pub fn load_job(path: &Path) -> Result<TravelJob> {
-    let text = std::fs::read_to_string(path)
+    let text = read_text_bounded(path, MAX_JOB_FILE_BYTES)
         .with_context(|| format!("cannot read job file {}", path.display()))?;
-    match serde_saphyr::from_str::<TravelJob>(&text) {
-        Ok(job) => Ok(job),
-        Err(manifest_err) => match serde_saphyr::from_str::<TravelJobSpec>(&text) {
-            Ok(spec) => {
-                let name = path
-                    .file_stem()
-                    .map(|s| s.to_string_lossy().into_owned())
-                    .unwrap_or_else(|| "job".into());
-                Ok(TravelJob::new(&name, spec))
-            }
-            Err(_) => bail!(
-                "{} is not a TravelJob manifest (or spec): {manifest_err}",
-                path.display()
-            ),
-        },
-    }
-}
-
-/// The job's output folder relative to the output volume (as the operator names it).
-pub fn output_dir(job: &TravelJob) -> String {
-    let prefix = job.spec.output.path_prefix.trim_matches('/');
-    let ns = job.namespace().unwrap_or_else(|| "default".into());
-    let rel = format!("{ns}/{}", job.name_any());
-    if prefix.is_empty() {
-        rel
-    } else {
-        format!("{prefix}/{rel}")
-    }
+    let name = path
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "job".into());
+    parse_job(&text, &name).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
 }
 
 pub struct LocalOptions {
@@ -58,6 +45,9 @@ pub struct LocalOptions {
     pub mounts: Mounts,
     /// Draw progress bars (when stderr is a terminal).
     pub progress: bool,
+    /// Overrides where the models compute (`--device`); None: as the job's
+    /// `spec.runner.device` says, like its pods would.
+    pub device: Option<DeviceChoice>,
 }
 
 pub struct LocalResult {
@@ -67,40 +57,15 @@ pub struct LocalResult {
 }
 
 fn now() -> Time {
-    Time(k8s_openapi::jiff::Timestamp::now())
-}
-
-fn step_name(step: StepId) -> String {
-    match step {
-        StepId::Prompts => "prompts".into(),
-        StepId::Segment(i) => format!("segment {i}"),
-        StepId::Stitch => "stitch".into(),
-    }
-}
-
-/// Puts the steps' states into the status, the way the operator does
-/// ([`TravelJobStatus::fold_steps`], shared through kubewan-crds).
-pub fn fold_status(
-    status: &mut TravelJobStatus,
-    plan: &Plan,
-    steps: &BTreeMap<StepId, StepStatus>,
-    output_dir: &str,
-) {
-    status.fold_steps(plan, steps, output_dir);
+    Time(Timestamp::now())
 }
 
 /// Runs the job; `Err` only when it cannot start (unreadable or invalid job).
 pub fn run_local(opts: &LocalOptions) -> Result<LocalResult> {
     let job = load_job(&opts.job)?;
-    kubewan_crds::validate::validate(&job.spec)
-        .map_err(|e| anyhow::anyhow!("{}: {e}", opts.job.display()))?;
     let plan = Plan::from_spec(&job.spec);
-    let out_dir = output_dir(&job);
-    let job_name = format!(
-        "{}/{}",
-        job.namespace().unwrap_or_else(|| "default".into()),
-        job.name_any()
-    );
+    let out_dir = job.output_dir();
+    let job_name = job.key();
     let job_dir = opts.mounts.output.join(&out_dir);
 
     let multi = MultiProgress::new();
@@ -138,23 +103,11 @@ pub fn run_local(opts: &LocalOptions) -> Result<LocalResult> {
                 StepId::Segment(_) => JobPhase::Generating,
                 StepId::Stitch => JobPhase::Stitching,
             };
-            let task = Task {
-                job: job_name.clone(),
-                stage: match step {
-                    StepId::Prompts => Stage::Prompts,
-                    StepId::Segment(_) => Stage::Segment,
-                    StepId::Stitch => Stage::Stitch,
-                },
-                segment: match step {
-                    StepId::Segment(i) => Some(i),
-                    _ => None,
-                },
-                plan: plan.clone(),
-                output_dir: out_dir.clone(),
-            };
-            overall.set_message(format!("{job_name}: {}", step_name(step)));
+            let task = Task::new(&job, &plan, step);
+            overall.set_message(format!("{job_name}: {step}"));
             let start_time = now();
-            let outcome = stages::run(&task, &opts.mounts, progress);
+            let device = opts.device.unwrap_or_else(|| stages::device_for(&task));
+            let outcome = stages::run(&task, &opts.mounts, device, progress);
             let report = outcome.report;
             multi.suspend(|| eprint!("{}", summary(&report)));
             let ok = report.ok;
@@ -173,13 +126,13 @@ pub fn run_local(opts: &LocalOptions) -> Result<LocalResult> {
                     finish_time: Some(now()),
                     message: message.clone(),
                     report: Some(report),
+                    ..Default::default()
                 },
             );
             overall.inc(1);
             if !ok {
                 failure = Some(format!(
-                    "{} failed: {}",
-                    step_name(step),
+                    "{step} failed: {}",
                     message.unwrap_or_else(|| "no message".into())
                 ));
                 break 'graph;
@@ -190,7 +143,8 @@ pub fn run_local(opts: &LocalOptions) -> Result<LocalResult> {
     overall.finish_and_clear();
     bar.finish();
     multi.clear().ok();
-    fold_status(&mut status, &plan, &steps, &out_dir);
+    status.fold_steps(&plan, &steps, &out_dir);
+    set_vlm_conditions(&mut status, None, Timestamp::now());
     status.completion_time = Some(now());
     let ok = failure.is_none();
     status.phase = if ok {
@@ -201,9 +155,9 @@ pub fn run_local(opts: &LocalOptions) -> Result<LocalResult> {
     status.message = Some(match &failure {
         Some(f) => f.clone(),
         None => format!(
-            "{} written{}",
+            "{} written by {}",
             status.output.clone().unwrap_or_default(),
-            if plan.is_preview() { " (preview)" } else { "" }
+            plan.video_model_label()
         ),
     });
     Ok(LocalResult {

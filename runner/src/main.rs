@@ -4,11 +4,12 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use kubewan_model_common::device::DeviceChoice;
 use kubewan_runner::ckpts::{CKPTS_DEFAULT, CKPTS_ENV, CkptRoot};
 use kubewan_runner::local::{LocalOptions, run_local};
 use kubewan_runner::report::{TERMINATION_LOG_DEFAULT, TERMINATION_LOG_ENV};
 use kubewan_runner::stages::Mounts;
-use kubewan_runner::{task, tiny, video_cli, vlm_cli};
+use kubewan_runner::{bench, logging, panics, task, tiny, video_cli, vlm_cli};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -57,6 +58,10 @@ enum Command {
         /// No progress bars.
         #[arg(long)]
         quiet: bool,
+        /// Where the models compute: auto, cpu, cuda or cuda:N [default: as
+        /// the job's spec.runner.device says, like its pods: gpu → cuda:0].
+        #[arg(long)]
+        device: Option<DeviceChoice>,
     },
     /// Check model folders under a checkpoint root; names every missing file.
     CheckCkpts {
@@ -74,6 +79,9 @@ enum Command {
     /// Wan2.1 developer commands.
     #[command(subcommand)]
     Video(video_cli::VideoCommand),
+    /// The runner's side of the GPU benchmark (scripts/gpu-bench/run.py).
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
 }
 
 fn fail(e: anyhow::Error) -> ExitCode {
@@ -89,7 +97,20 @@ fn tiny_default() -> PathBuf {
 }
 
 fn main() -> ExitCode {
+    panics::install_hook();
+    // Past a file size limit (RLIMIT_FSIZE) a write fails with EFBIG and is
+    // reported like a full disk, instead of the signal killing the process.
+    // SAFETY: setting a signal's disposition to ignore has no preconditions.
+    unsafe { libc::signal(libc::SIGXFSZ, libc::SIG_IGN) };
     let cli = Cli::parse();
+    logging::init(match cli.command {
+        Command::RunTask { .. } => "info",
+        _ => "warn",
+    });
+    panics::catch(|| run(cli)).unwrap_or_else(|message| fail(anyhow::anyhow!(message)))
+}
+
+fn run(cli: Cli) -> ExitCode {
     match cli.command {
         Command::RunTask {
             ckpts,
@@ -116,6 +137,7 @@ fn main() -> ExitCode {
             inputs,
             tiny_ckpts,
             quiet,
+            device,
         } => {
             let ckpts = ckpts.unwrap_or_else(|| {
                 if tiny_ckpts {
@@ -155,6 +177,7 @@ fn main() -> ExitCode {
                     output: out,
                 },
                 progress,
+                device,
             }) {
                 Ok(r) => r,
                 Err(e) => return fail(e),
@@ -218,6 +241,10 @@ fn main() -> ExitCode {
             Err(e) => fail(e),
         },
         Command::Video(cmd) => match video_cli::run(cmd) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => fail(e),
+        },
+        Command::Bench(cmd) => match bench::run(cmd) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => fail(e),
         },

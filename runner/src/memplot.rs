@@ -96,7 +96,7 @@ fn draw(out: &mut String, title: &str, record: &ProbeRecord) -> Result<(), Strin
                     RED.stroke_width(2),
                 ))
                 .map_err(|e| err(&e))?
-                .label("device memory used")
+                .label("process VRAM")
                 .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], RED.stroke_width(2)));
         }
         chart

@@ -1,13 +1,14 @@
 //! The memory probe: per-phase start/end/peak RSS (the kernel's high-water mark,
 //! reset at each phase start, plus a sampling thread), memory available to the
 //! process (system and cgroup limit), optional VRAM, and seconds. It also
-//! measures whether a dropped model gave its memory back ([`Probe::release`])
-//! and refuses to load a model that cannot fit ([`ensure_fits`]).
+//! measures whether a dropped model gave its memory back ([`Probe::release`]).
+//! Whether a model may be loaded at all is [`crate::admission`]'s call.
 //!
-//! VRAM comes from a [`VramSource`]: [`Probe::new`] installs NVML's device
-//! readings when a GPU is visible ([`crate::vram`]); without one the VRAM
-//! fields stay empty. A build with its own allocator statistics (e.g. cudarc's
-//! memory pool high-water mark) can install another with [`Probe::set_vram_source`].
+//! VRAM comes from a [`VramSource`]: [`Probe::new`] installs NVML's readings
+//! when a GPU is visible, and [`Probe::watch_device`] adds the CUDA device the
+//! models run on ([`crate::vram`]); without a GPU the VRAM fields stay empty.
+//! Phase peaks and releases use this process's own GPU memory; the device-wide
+//! figure (all processes) is kept beside it, labelled as such.
 
 use std::fs;
 use std::path::Path;
@@ -16,12 +17,13 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use anyhow::{Result, bail};
 use kubewan_crds::report::{MemorySample, PhaseReport, ReleaseReport};
 use kubewan_crds::status::human_bytes;
 
 /// The phase names the pipeline uses.
 pub mod phases {
+    use kubewan_wan::checkpoint::Expert;
+
     pub const VLM_LOAD: &str = "vlm_load";
     pub const VLM_GENERATE: &str = "vlm_generate";
     pub const VLM_RELEASE: &str = "vlm_release";
@@ -31,6 +33,22 @@ pub mod phases {
     pub const VAE_DECODE: &str = "vae_decode";
     pub const ENCODE: &str = "encode";
     pub const STITCH: &str = "stitch";
+
+    /// A two-expert (Wan2.2) model loading one expert: `expert_high_load`, `expert_low_load`.
+    pub fn expert_load(expert: Expert) -> &'static str {
+        match expert {
+            Expert::High => "expert_high_load",
+            Expert::Low => "expert_low_load",
+        }
+    }
+
+    /// A two-expert model's denoising steps by one expert: `expert_high_denoise`, ...
+    pub fn expert_denoise(expert: Expert) -> &'static str {
+        match expert {
+            Expert::High => "expert_high_denoise",
+            Expert::Low => "expert_low_denoise",
+        }
+    }
 }
 
 /// Below this share of the loaded memory coming back, a release is reported with a warning.
@@ -40,16 +58,14 @@ pub const RELEASE_WARN_RATIO: f64 = 0.95;
 /// whatever was loaded, which would flag every tiny model.
 pub const RELEASE_NOISE_BYTES: u64 = 8 << 20;
 
-/// Device memory readings; a CUDA build implements it (cudarc `mem_get_info`,
-/// the default memory pool's used-memory high mark).
+/// GPU memory readings ([`crate::vram::GpuMemory`]: NVML and the CUDA device).
 pub trait VramSource: Send + Sync {
-    /// Device memory in use, bytes.
-    fn used_bytes(&self) -> Option<u64>;
-    /// Peak device memory since the last [`VramSource::reset_peak`], when the device tracks it.
-    fn peak_bytes(&self) -> Option<u64> {
-        None
-    }
-    fn reset_peak(&self) {}
+    /// GPU memory this process holds, bytes.
+    fn process_bytes(&self) -> Option<u64>;
+    /// GPU memory in use on the device(s), every process counted, bytes.
+    fn device_used_bytes(&self) -> Option<u64>;
+    /// Hands memory the allocator caches back to the device (after a model is dropped).
+    fn release_cached(&self) {}
 }
 
 /// Current resident set size of this process, bytes.
@@ -100,7 +116,8 @@ pub fn trim_heap() {
     }
 }
 
-fn meminfo_available() -> Option<u64> {
+/// The system's MemAvailable, bytes.
+pub fn meminfo_available() -> Option<u64> {
     let info = fs::read_to_string("/proc/meminfo").ok()?;
     let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
     line["MemAvailable:".len()..]
@@ -116,10 +133,21 @@ fn read_u64(path: &Path) -> Option<u64> {
     fs::read_to_string(path).ok()?.trim().parse().ok()
 }
 
-/// The cgroup's memory limit and current usage, bytes (v2, then v1); None when unlimited.
+/// The cgroup's memory limit and working set, bytes (v2, then v1); None when
+/// unlimited. The working set is the usage minus the inactive page cache, as
+/// the kubelet counts it: reading checkpoints fills the cache, which the
+/// kernel reclaims before it would OOM-kill.
 pub fn cgroup_memory() -> Option<(u64, u64)> {
     let own = fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
     cgroup_memory_in(Path::new("/sys/fs/cgroup"), &own)
+}
+
+/// `key`'s value in a cgroup `memory.stat` file.
+fn stat_field(stat: &Path, key: &str) -> Option<u64> {
+    fs::read_to_string(stat).ok()?.lines().find_map(|l| {
+        let (k, v) = l.split_once(' ')?;
+        (k == key).then(|| v.trim().parse().ok()).flatten()
+    })
 }
 
 /// [`cgroup_memory`] against a cgroup filesystem at `root` and the content of
@@ -146,7 +174,8 @@ pub fn cgroup_memory_in(root: &Path, self_cgroup: &str) -> Option<(u64, u64)> {
             }
             let limit: u64 = max.parse().ok()?;
             let usage = read_u64(&dir.join("memory.current")).unwrap_or(0);
-            return Some((limit, usage));
+            let inactive = stat_field(&dir.join("memory.stat"), "inactive_file").unwrap_or(0);
+            return Some((limit, usage.saturating_sub(inactive)));
         }
     }
     // cgroup v1.
@@ -156,7 +185,8 @@ pub fn cgroup_memory_in(root: &Path, self_cgroup: &str) -> Option<(u64, u64)> {
         return None;
     }
     let usage = read_u64(&v1.join("memory.usage_in_bytes")).unwrap_or(0);
-    Some((limit, usage))
+    let inactive = stat_field(&v1.join("memory.stat"), "total_inactive_file").unwrap_or(0);
+    Some((limit, usage.saturating_sub(inactive)))
 }
 
 /// Memory this process can still get: the system's MemAvailable, or what is
@@ -170,31 +200,12 @@ pub fn available_bytes() -> Option<u64> {
     }
 }
 
-/// Refuses to load `what` (needing about `needed` bytes) when less memory is
-/// available, instead of being OOM-killed halfway.
-pub fn ensure_fits(what: &str, needed: u64, available: Option<u64>) -> Result<()> {
-    let Some(available) = available else {
-        return Ok(());
-    };
-    if needed > available {
-        let limit = cgroup_memory()
-            .map(|(l, _)| format!(" (cgroup limit {})", human_bytes(l)))
-            .unwrap_or_default();
-        bail!(
-            "refusing to load {what}: its weights are {} on disk but only {} of memory is available{limit}; \
-             give the pod more memory (spec.runner.memoryLimit) or use a smaller model",
-            human_bytes(needed),
-            human_bytes(available)
-        );
-    }
-    Ok(())
-}
-
 /// One point of the memory timeline.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct TimelinePoint {
     pub seconds: f64,
     pub rss_bytes: u64,
+    /// This process's GPU memory.
     pub vram_bytes: Option<u64>,
 }
 
@@ -214,7 +225,10 @@ pub struct ProbeRecord {
     pub spans: Vec<PhaseSpan>,
     pub timeline: Vec<TimelinePoint>,
     pub peak_rss_bytes: u64,
+    /// This process's GPU memory peak.
     pub peak_vram_bytes: Option<u64>,
+    /// The device-wide GPU memory peak (every process on the device).
+    pub peak_vram_device_bytes: Option<u64>,
     pub warnings: Vec<String>,
 }
 
@@ -229,22 +243,34 @@ struct Shared {
     stop: AtomicBool,
     phase_peak_rss: AtomicU64,
     phase_peak_vram: AtomicU64,
+    /// Device-wide GPU memory peak of the whole run (0 before any reading).
+    peak_vram_device: AtomicU64,
     timeline: Mutex<Vec<TimelinePoint>>,
     vram: Mutex<Option<Arc<dyn VramSource>>>,
 }
 
 impl Shared {
-    fn vram_used(&self) -> Option<u64> {
-        let source = self.vram.lock().ok()?.clone()?;
-        source.used_bytes()
+    fn vram_source(&self) -> Option<Arc<dyn VramSource>> {
+        self.vram.lock().ok()?.clone()
+    }
+
+    /// (this process's, device-wide) GPU memory.
+    fn vram_now(&self) -> (Option<u64>, Option<u64>) {
+        match self.vram_source() {
+            Some(source) => (source.process_bytes(), source.device_used_bytes()),
+            None => (None, None),
+        }
     }
 
     fn sample_point(&self) {
         let rss = rss_bytes();
-        let vram = self.vram_used();
+        let (vram, device) = self.vram_now();
         self.phase_peak_rss.fetch_max(rss, Ordering::Relaxed);
         if let Some(v) = vram {
             self.phase_peak_vram.fetch_max(v, Ordering::Relaxed);
+        }
+        if let Some(d) = device {
+            self.peak_vram_device.fetch_max(d, Ordering::Relaxed);
         }
         if let Ok(mut t) = self.timeline.lock() {
             t.push(TimelinePoint {
@@ -276,6 +302,7 @@ impl Probe {
             stop: AtomicBool::new(false),
             phase_peak_rss: AtomicU64::new(0),
             phase_peak_vram: AtomicU64::new(0),
+            peak_vram_device: AtomicU64::new(0),
             timeline: Mutex::new(Vec::new()),
             vram: Mutex::new(None),
         });
@@ -313,12 +340,18 @@ impl Probe {
     /// (`KUBEWAN_NO_NVML=1` turns that off).
     pub fn new() -> Probe {
         let mut probe = Probe::start(Duration::from_millis(50));
-        if std::env::var_os("KUBEWAN_NO_NVML").is_none()
-            && let Some(nvml) = crate::vram::NvmlVram::open()
-        {
+        if let Some(nvml) = crate::vram::GpuMemory::nvml() {
             probe.set_vram_source(Arc::new(nvml));
         }
         probe
+    }
+
+    /// Adds the device the models compute on to the VRAM readings (the CUDA
+    /// driver's figures and allocator; nothing for the CPU).
+    pub fn watch_device(&mut self, device: &candle_core::Device) {
+        if let Some(source) = crate::vram::GpuMemory::for_device(device) {
+            self.set_vram_source(Arc::new(source));
+        }
     }
 
     pub fn set_vram_source(&mut self, source: Arc<dyn VramSource>) {
@@ -334,10 +367,12 @@ impl Probe {
 
     /// A reading now.
     pub fn sample(&self) -> MemorySample {
+        let (vram_process_bytes, vram_used_bytes) = self.shared.vram_now();
         MemorySample {
             rss_bytes: rss_bytes(),
             available_bytes: available_bytes(),
-            vram_used_bytes: self.shared.vram_used(),
+            vram_process_bytes,
+            vram_used_bytes,
         }
     }
 
@@ -347,16 +382,13 @@ impl Probe {
         if self.hwm_resettable {
             reset_hwm();
         }
-        if let Ok(Some(v)) = self.shared.vram.lock().map(|v| v.clone()) {
-            v.reset_peak();
-        }
         let start = self.sample();
         self.shared
             .phase_peak_rss
             .store(start.rss_bytes, Ordering::Relaxed);
         self.shared
             .phase_peak_vram
-            .store(start.vram_used_bytes.unwrap_or(0), Ordering::Relaxed);
+            .store(start.vram_process_bytes.unwrap_or(0), Ordering::Relaxed);
         self.shared.sample_point();
         self.open = Some(OpenPhase {
             name: name.to_owned(),
@@ -376,14 +408,11 @@ impl Probe {
             .max(hwm)
             .max(end.rss_bytes)
             .max(open.start.rss_bytes);
-        let vram_source = self.shared.vram.lock().ok().and_then(|v| v.clone());
-        let peak_vram = vram_source.map(|source| {
-            let sampled = self.shared.phase_peak_vram.load(Ordering::Relaxed);
-            source
-                .peak_bytes()
-                .unwrap_or(0)
-                .max(sampled)
-                .max(end.vram_used_bytes.unwrap_or(0))
+        let peak_vram = end.vram_process_bytes.map(|at_end| {
+            self.shared
+                .phase_peak_vram
+                .load(Ordering::Relaxed)
+                .max(at_end)
         });
         let t_end = self.elapsed();
         let seconds = open.started.elapsed().as_secs_f64();
@@ -412,9 +441,19 @@ impl Probe {
         out
     }
 
+    /// Returns freed heap to the OS and freed GPU memory the allocator caches
+    /// to the device (after a model was dropped).
+    pub fn give_back_memory(&self) {
+        trim_heap();
+        if let Some(source) = self.shared.vram_source() {
+            source.release_cached();
+        }
+    }
+
     /// Drops `value` (a loaded model) as phase `phase`, returns the heap to the
-    /// OS, and reports how much of what loading added (`loaded` minus
-    /// `baseline`, both taken with [`Probe::sample`]) came back.
+    /// OS and cached GPU memory to the device, and reports how much of what
+    /// loading added (`loaded` minus `baseline`, both taken with
+    /// [`Probe::sample`]) came back.
     pub fn release<T>(
         &mut self,
         phase: &str,
@@ -425,7 +464,7 @@ impl Probe {
     ) -> ReleaseReport {
         self.begin(phase);
         drop(value);
-        trim_heap();
+        self.give_back_memory();
         let after = self.sample();
         self.end();
         let report = release_report(what, baseline, loaded, &after);
@@ -462,6 +501,10 @@ impl Probe {
             .filter_map(|p| p.peak_vram_bytes)
             .chain(timeline.iter().filter_map(|p| p.vram_bytes))
             .max();
+        let peak_vram_device_bytes = self
+            .shared
+            .vram_source()
+            .map(|_| self.shared.peak_vram_device.load(Ordering::Relaxed));
         ProbeRecord {
             seconds: self.elapsed(),
             phases: std::mem::take(&mut self.phases),
@@ -469,6 +512,7 @@ impl Probe {
             timeline,
             peak_rss_bytes,
             peak_vram_bytes,
+            peak_vram_device_bytes,
             warnings: std::mem::take(&mut self.warnings),
         }
     }
@@ -503,11 +547,12 @@ pub fn release_report(
     } else {
         freed_bytes as f64 / loaded_bytes as f64
     };
-    let vram_loaded_bytes = match (baseline.vram_used_bytes, loaded.vram_used_bytes) {
+    // This process's GPU memory (the device-wide figure would count others).
+    let vram_loaded_bytes = match (baseline.vram_process_bytes, loaded.vram_process_bytes) {
         (Some(b), Some(l)) => Some(l.saturating_sub(b)),
         _ => None,
     };
-    let vram_freed_bytes = match (loaded.vram_used_bytes, after.vram_used_bytes) {
+    let vram_freed_bytes = match (loaded.vram_process_bytes, after.vram_process_bytes) {
         (Some(l), Some(a)) => Some(
             l.saturating_sub(a)
                 .min(vram_loaded_bytes.unwrap_or(u64::MAX)),
@@ -587,18 +632,6 @@ mod tests {
     }
 
     #[test]
-    fn refuses_a_model_larger_than_available_memory() {
-        let err = ensure_fits("big-model", 10 << 30, Some(1 << 30)).unwrap_err();
-        let text = err.to_string();
-        assert!(text.contains("refusing to load big-model"), "{text}");
-        assert!(
-            text.contains("10.0GiB") && text.contains("1.0GiB"),
-            "{text}"
-        );
-        ensure_fits("small", 1 << 20, Some(1 << 30)).unwrap();
-    }
-
-    #[test]
     fn cgroup_limits_are_read_from_v2_and_v1() {
         let root = tempfile::tempdir().unwrap();
         let group = root.path().join("kubepods/pod1");
@@ -608,6 +641,16 @@ mod tests {
         assert_eq!(
             cgroup_memory_in(root.path(), "0::/kubepods/pod1\n"),
             Some((1 << 30, 100 << 20))
+        );
+        // The inactive page cache is not part of the working set.
+        fs::write(
+            group.join("memory.stat"),
+            "anon 52428800\ninactive_file 41943040\nactive_file 1048576\n",
+        )
+        .unwrap();
+        assert_eq!(
+            cgroup_memory_in(root.path(), "0::/kubepods/pod1\n"),
+            Some((1 << 30, 60 << 20))
         );
         fs::write(group.join("memory.max"), "max\n").unwrap();
         assert_eq!(cgroup_memory_in(root.path(), "0::/kubepods/pod1\n"), None);

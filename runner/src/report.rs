@@ -1,14 +1,15 @@
 //! Writing a run's report: the bounded JSON to the termination message path,
-//! the full JSON (`report-<stage>[-<i>].json`) and the memory timeline
-//! (`memory-<stage>[-<i>].svg`) to the job's output folder, and a human
+//! the full JSON (`report-<run>.json`) and the memory timeline
+//! (`memory-<run>.svg`) to the job's output folder, where `<run>` is the
+//! step's [`StepId::run_name`] (`prompts`, `segment-3`, `stitch`), and a human
 //! summary to the log.
 
 use std::path::{Path, PathBuf};
 
 use anyhow::Result;
-use kubewan_crds::report::RunReport;
+use kubewan_crds::StepId;
+use kubewan_crds::report::{AdmissionReport, RunReport};
 use kubewan_crds::status::human_bytes;
-use kubewan_crds::task::Stage;
 
 use crate::fsutil::write_atomic;
 use crate::memplot;
@@ -19,20 +20,8 @@ pub const TERMINATION_LOG_DEFAULT: &str = "/dev/termination-log";
 /// Environment variable overriding the termination message path.
 pub const TERMINATION_LOG_ENV: &str = "KUBEWAN_TERMINATION_LOG";
 
-/// `<stage>` or `<stage>-<i>`: the suffix of a run's report and timeline files.
-pub fn run_name(stage: Stage, segment: Option<u32>) -> String {
-    match segment {
-        Some(i) => format!("{}-{i}", stage.as_str()),
-        None => stage.as_str().to_owned(),
-    }
-}
-
-pub fn report_file_name(stage: Stage, segment: Option<u32>) -> String {
-    format!("report-{}.json", run_name(stage, segment))
-}
-
-pub fn timeline_file_name(stage: Stage, segment: Option<u32>) -> String {
-    format!("memory-{}.svg", run_name(stage, segment))
+pub fn timeline_file_name(step: StepId) -> String {
+    format!("memory-{}.svg", step.run_name())
 }
 
 /// Copies what the probe recorded into the report.
@@ -40,6 +29,7 @@ pub fn fill_from_probe(report: &mut RunReport, record: &ProbeRecord) {
     report.seconds = record.seconds;
     report.peak_rss_bytes = record.peak_rss_bytes;
     report.peak_vram_bytes = record.peak_vram_bytes;
+    report.peak_vram_device_bytes = record.peak_vram_device_bytes;
     report.phases = record.phases.clone();
     for w in &record.warnings {
         if !report.warnings.contains(w) {
@@ -62,23 +52,32 @@ pub fn write_outputs(
         return (written, problems);
     };
     let json = serde_json::to_string_pretty(report).unwrap_or_default();
-    let path = dir.join(report_file_name(report.stage, report.segment));
+    let path = dir.join(report.step.report_file_name());
     match write_atomic(&path, json.as_bytes()) {
         Ok(()) => written.push(path),
         Err(e) => problems.push(format!("{e:#}")),
     }
     let title = format!(
-        "kubewan-runner {}{}",
-        run_name(report.stage, report.segment),
-        if report.preview { " (preview)" } else { "" }
+        "kubewan-runner {}, model {}",
+        report.step.run_name(),
+        shown_model(report)
     );
     let svg = memplot::render_svg(&title, record);
-    let path = dir.join(timeline_file_name(report.stage, report.segment));
+    let path = dir.join(timeline_file_name(report.step));
     match write_atomic(&path, svg.as_bytes()) {
         Ok(()) => written.push(path),
         Err(e) => problems.push(format!("{e:#}")),
     }
     (written, problems)
+}
+
+/// The run's model as the log and the timeline show it ("-" when it used none).
+fn shown_model(report: &RunReport) -> String {
+    if report.model.is_empty() {
+        "-".into()
+    } else {
+        report.model_label()
+    }
 }
 
 /// Writes the bounded report to the termination message path.
@@ -92,29 +91,37 @@ pub fn write_termination_message(report: &RunReport, path: &Path) -> Result<()> 
     })
 }
 
-/// A few human-readable lines: what ran, how long, memory per phase.
+/// A few human-readable lines: what ran, how long, memory per phase, each
+/// phase's admission, how the segment was generated.
 pub fn summary(report: &RunReport) -> String {
     let mut out = String::new();
-    let what = run_name(report.stage, report.segment);
-    let model = if report.preview {
-        format!("{} (preview)", report.model)
-    } else {
-        report.model.clone()
-    };
     out.push_str(&format!(
-        "{what}: {} in {:.1}s, model {}, peak RSS {}{}\n",
+        "{}: {} in {:.1}s, model {}{}, peak RSS {}{}\n",
+        report.step.run_name(),
         if report.ok { "ok" } else { "FAILED" },
         report.seconds,
-        if model.is_empty() { "-".into() } else { model },
+        shown_model(report),
+        report
+            .device
+            .as_ref()
+            .map(|d| format!(" on {d}"))
+            .unwrap_or_default(),
         human_bytes(report.peak_rss_bytes),
         report
             .peak_vram_bytes
-            .map(|v| format!(", peak VRAM {}", human_bytes(v)))
+            .map(|v| format!(
+                ", peak VRAM {} (this process{})",
+                human_bytes(v),
+                report
+                    .peak_vram_device_bytes
+                    .map(|d| format!("; whole device {}", human_bytes(d)))
+                    .unwrap_or_default()
+            ))
             .unwrap_or_default()
     ));
     for p in &report.phases {
         out.push_str(&format!(
-            "  {:<16} {:>7.2}s  RSS {} -> {} (peak {}){}\n",
+            "  {:<16} {:>7.2}s  RSS {} -> {} (peak {}){}{}\n",
             p.name,
             p.seconds,
             human_bytes(p.start.rss_bytes),
@@ -123,7 +130,52 @@ pub fn summary(report: &RunReport) -> String {
             p.end
                 .available_bytes
                 .map(|a| format!(", available {}", human_bytes(a)))
-                .unwrap_or_default()
+                .unwrap_or_default(),
+            match (
+                p.start.vram_process_bytes,
+                p.end.vram_process_bytes,
+                p.peak_vram_bytes
+            ) {
+                (Some(start), Some(end), Some(peak)) => format!(
+                    ", VRAM {} -> {} (peak {})",
+                    human_bytes(start),
+                    human_bytes(end),
+                    human_bytes(peak)
+                ),
+                _ => String::new(),
+            }
+        ));
+    }
+    for a in &report.admission {
+        out.push_str(&format!("  {}\n", admission_line(a)));
+    }
+    if let Some(g) = &report.generation {
+        let guidance: Vec<String> = g
+            .experts
+            .iter()
+            .map(|e| {
+                let batched = if e.guidance_batched {
+                    " (batch of 2)"
+                } else {
+                    ""
+                };
+                format!("{}{batched}", e.guidance)
+            })
+            .collect();
+        out.push_str(&format!(
+            "  generated in {} by {} with {} steps (shift {}), seed {}, guidance {}\n",
+            wire_name(g.dtype),
+            wire_name(g.scheduler),
+            g.steps,
+            g.shift,
+            g.seed,
+            guidance.join("/")
+        ));
+    }
+    if let Some(c) = &report.chain {
+        out.push_str(&format!(
+            "  chained: {} first frames from the previous segment's tail, {} last frames handed on\n",
+            c.head_frames, c.tail_frames
         ));
     }
     if let Some(r) = &report.release {
@@ -143,13 +195,13 @@ pub fn summary(report: &RunReport) -> String {
         out.push_str(&format!(
             "  prompt {}{}: {}\n",
             p.segment,
-            if p.fell_back {
-                format!(
+            match (p.fell_back, p.tokens) {
+                (true, _) => format!(
                     " (fell back: {})",
                     p.reason.as_deref().unwrap_or("unknown reason")
-                )
-            } else {
-                String::new()
+                ),
+                (false, Some(t)) => format!(" ({t} tokens by the VLM)"),
+                (false, None) => String::new(),
             },
             p.prompt
         ));
@@ -170,4 +222,32 @@ pub fn summary(report: &RunReport) -> String {
         out.push_str(&format!("  {m}\n"));
     }
     out
+}
+
+/// "admission denoise: needs 1.2GiB of 20.3GiB RAM available" (VRAM too on a GPU).
+pub fn admission_line(a: &AdmissionReport) -> String {
+    let of = |need: u64, available: Option<u64>| match available {
+        Some(av) => format!("{} of {} available", human_bytes(need), human_bytes(av)),
+        None => format!("{} (available unknown)", human_bytes(need)),
+    };
+    let mut line = format!(
+        "admission {}: needs {} RAM",
+        a.phase,
+        of(a.need_ram_bytes, a.available_ram_bytes)
+    );
+    if let Some(v) = a.need_vram_bytes {
+        line.push_str(&format!(", {} VRAM", of(v, a.available_vram_bytes)));
+    }
+    if !a.admitted {
+        line.push_str(" -- REFUSED");
+    }
+    line
+}
+
+/// An enum value as the API spells it (`bf16`, `unipc`).
+fn wire_name(value: impl serde::Serialize) -> String {
+    serde_json::to_value(value)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_owned))
+        .unwrap_or_default()
 }

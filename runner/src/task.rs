@@ -1,58 +1,21 @@
 //! `run-task`: the pod entry point. Reads the task JSON from `KUBEWAN_TASK`,
-//! runs its stage against the mounted volumes, writes the bounded report to
-//! the termination message path and `report-<stage>[-<i>].json` to the job's
+//! runs its step against the mounted volumes, writes the bounded report to
+//! the termination message path and `report-<run>.json` to the job's
 //! output folder, logs a summary, and prints the report as the last log line
 //! (for `terminationMessagePolicy: FallbackToLogsOnError`). Exit code 0 when
-//! the stage succeeded, 1 otherwise (always after writing a report).
+//! the stage succeeded, 1 otherwise (always after writing a report, a panic
+//! included: see [`crate::panics`]). A task that does not parse is named by
+//! the field where it went wrong.
 
 use std::path::{Path, PathBuf};
 
 use kubewan_crds::report::RunReport;
-use kubewan_crds::task::{Stage, Task};
+use kubewan_crds::task::Task;
 
-use crate::EXIT_FAILURE;
-use crate::progress::Progress;
+use crate::progress::LogProgress;
 use crate::report::{summary, write_termination_message};
 use crate::stages::{self, Mounts};
-
-/// Progress as occasional log lines (pods have no terminal).
-pub struct LogProgress {
-    state: std::sync::Mutex<(String, u64, u64, u64)>,
-}
-
-impl LogProgress {
-    pub fn new() -> LogProgress {
-        LogProgress {
-            state: std::sync::Mutex::new((String::new(), 0, 0, 0)),
-        }
-    }
-}
-
-impl Default for LogProgress {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-impl Progress for LogProgress {
-    fn start(&self, what: &str, len: u64) {
-        if let Ok(mut s) = self.state.lock() {
-            *s = (what.to_owned(), len, 0, 0);
-        }
-        eprintln!("{what}: 0/{len}");
-    }
-    fn inc(&self, n: u64) {
-        if let Ok(mut s) = self.state.lock() {
-            s.2 += n;
-            let decile = (s.2 * 10).checked_div(s.1).unwrap_or(0);
-            if decile > s.3 {
-                s.3 = decile;
-                eprintln!("{}: {}/{}", s.0, s.2, s.1);
-            }
-        }
-    }
-    fn finish(&self) {}
-}
+use crate::{EXIT_FAILURE, panics};
 
 /// Parses the task JSON with a message that says what is wrong.
 pub fn parse_task(json: Option<&str>) -> Result<Task, String> {
@@ -62,19 +25,29 @@ pub fn parse_task(json: Option<&str>) -> Result<Task, String> {
             kubewan_crds::task::TASK_ENV
         ));
     };
-    serde_json::from_str(json).map_err(|e| {
+    let mut de = serde_json::Deserializer::from_str(json);
+    serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let field = e.path().to_string();
+        let at = if field == "." {
+            String::new()
+        } else {
+            format!(" at field {field}")
+        };
         format!(
-            "the task JSON in {} does not parse: {e}",
-            kubewan_crds::task::TASK_ENV
+            "the task JSON in {} does not parse{at}: {}",
+            kubewan_crds::task::TASK_ENV,
+            e.inner()
         )
     })
 }
 
 /// Writes `report` to the termination log, logs it, and returns the exit code.
 fn finish(report: &RunReport, termination_log: &Path) -> i32 {
-    eprint!("{}", summary(report));
+    for line in summary(report).lines() {
+        tracing::info!("{line}");
+    }
     if let Err(e) = write_termination_message(report, termination_log) {
-        eprintln!("warning: {e}");
+        tracing::warn!("{e:#}");
     }
     // Last log line: the report itself (the kubelet's fallback when the file is unreadable).
     println!("{}", report.to_termination_message());
@@ -87,7 +60,6 @@ pub fn run_task(task_json: Option<&str>, mounts: Mounts, termination_log: PathBu
         Ok(t) => t,
         Err(message) => {
             let report = RunReport {
-                stage: Stage::default(),
                 ok: false,
                 message: Some(message),
                 ..Default::default()
@@ -95,17 +67,41 @@ pub fn run_task(task_json: Option<&str>, mounts: Mounts, termination_log: PathBu
             return finish(&report, &termination_log);
         }
     };
-    eprintln!(
-        "kubewan-runner {}: job {}, stage {}{}",
-        env!("CARGO_PKG_VERSION"),
-        task.job,
-        task.stage.as_str(),
-        task.segment.map(|i| format!(" {i}")).unwrap_or_default()
+    tracing::info!(
+        version = env!("CARGO_PKG_VERSION"),
+        job = %task.job,
+        step = %task.step,
+        "kubewan-runner starts"
     );
-    let progress = LogProgress::new();
-    let outcome = stages::run(&task, &mounts, &progress);
-    for f in &outcome.files {
-        eprintln!("wrote {}", f.display());
+    // Replaced by the real report at the end; stays if the process is killed first.
+    let provisional = RunReport {
+        ok: false,
+        step: task.step,
+        message: Some(
+            "the runner stopped before writing its report: killed (out of memory, a signal) \
+             or aborted"
+                .into(),
+        ),
+        ..Default::default()
+    };
+    if let Err(e) = write_termination_message(&provisional, &termination_log) {
+        tracing::warn!("{e:#}");
     }
-    finish(&outcome.report, &termination_log)
+    let progress = LogProgress::default();
+    match panics::catch(|| stages::run(&task, &mounts, stages::device_for(&task), &progress)) {
+        Ok(outcome) => {
+            for f in &outcome.files {
+                tracing::info!("wrote {}", f.display());
+            }
+            finish(&outcome.report, &termination_log)
+        }
+        Err(message) => finish(
+            &RunReport {
+                ok: false,
+                message: Some(message),
+                ..provisional
+            },
+            &termination_log,
+        ),
+    }
 }

@@ -18,14 +18,15 @@ pub struct TinyOutcome {
     pub skipped: Vec<String>,
 }
 
-/// Writes the tiny checkpoints into `root` (models already present are kept).
+/// Writes the tiny checkpoints into `root`; a model folder that already holds
+/// everything its loader reads is kept.
 pub fn write_tiny_checkpoints(root: &Path) -> Result<TinyOutcome> {
     std::fs::create_dir_all(root.join("tiny"))
         .with_context(|| format!("cannot create {}", root.join("tiny").display()))?;
     let mut outcome = TinyOutcome::default();
     // Qwen2.5-VL: a tiny model in the released layout (seeded random weights).
     let vlm = root.join(TINY_VLM);
-    if vlm.join("config.json").is_file() {
+    if kubewan_qwen2_5_vl::checkpoint::require(&vlm).is_ok() {
         outcome.skipped.push(format!("{TINY_VLM}: already present"));
     } else {
         kubewan_qwen2_5_vl::write_tiny_checkpoint(&vlm, 0)
@@ -34,7 +35,7 @@ pub fn write_tiny_checkpoints(root: &Path) -> Result<TinyOutcome> {
     }
     // Wan2.1: a tiny FLF2V pipeline in the diffusers layout (fresh seeded random weights).
     let wan = root.join(TINY_WAN);
-    if wan.join("model_index.json").is_file() {
+    if kubewan_wan::checkpoint::require(&wan).is_ok() {
         outcome.skipped.push(format!("{TINY_WAN}: already present"));
     } else {
         kubewan_wan::write_tiny_checkpoint(&wan, 0)

@@ -6,12 +6,21 @@
 //! model folder's chat template with the generation prompt; the image processor
 //! is the folder's `preprocessor_config.json` (Pillow-exact bicubic resize).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use candle_core::DType;
 use clap::{Args, Subcommand};
-use kubewan_qwen2_5_vl::{GenerateRequest, Qwen25Vl, Sampling};
+use kubewan_crds::limits;
+use kubewan_model_common::device::DeviceChoice;
+use kubewan_qwen2_5_vl::checkpoint::PREPROCESSOR;
+use kubewan_qwen2_5_vl::processor::smart_resize;
+use kubewan_qwen2_5_vl::{GenerateRequest, PreprocessorConfig, Qwen25Vl, Sampling};
+
+use crate::fsutil::read_image;
+
+/// The environment variable `--device` of the developer commands defaults to.
+pub const DEVICE_ENV: &str = "KUBEWAN_DEVICE";
 
 #[derive(Subcommand, Debug)]
 pub enum VlmCommand {
@@ -46,6 +55,9 @@ pub struct VlmGenerateArgs {
     /// Compute dtype: f32 (parity), bf16 or f16.
     #[arg(long, default_value = "f32")]
     pub dtype: String,
+    /// auto (CUDA when built with it and a GPU is visible), cpu, cuda or cuda:N.
+    #[arg(long, env = DEVICE_ENV, default_value = "auto")]
+    pub device: DeviceChoice,
     /// Print the JSON document.
     #[arg(long)]
     pub json: bool,
@@ -60,18 +72,67 @@ pub fn parse_dtype(s: &str) -> Result<DType> {
     })
 }
 
+/// Refuses a VLM request whose images, once the model folder's image
+/// processor has resized them, hold more than
+/// [`limits::MAX_VLM_IMAGE_PIXELS`] pixels in all: the vision tower attends
+/// over every patch, so this is checked before anything is allocated.
+pub fn check_image_budget(model_dir: &Path, images: &[image::DynamicImage]) -> Result<()> {
+    let config = PreprocessorConfig::from_file(&PREPROCESSOR.path(model_dir))?;
+    let factor = config.patch_size * config.merge_size;
+    let mut pixels = 0u64;
+    for img in images {
+        let (h, w) = smart_resize(
+            img.height() as usize,
+            img.width() as usize,
+            factor,
+            config.min_pixels,
+            config.max_pixels,
+        )?;
+        pixels += (h * w) as u64;
+    }
+    if pixels > limits::MAX_VLM_IMAGE_PIXELS {
+        bail!(
+            "the image processor of {} makes {pixels} pixels of these images, more than the \
+             {} the VLM may see; use smaller images (or a smaller max_pixels)",
+            model_dir.display(),
+            limits::MAX_VLM_IMAGE_PIXELS
+        );
+    }
+    Ok(())
+}
+
+fn check_args(args: &VlmGenerateArgs) -> Result<()> {
+    let text = format!("{}{}", args.system.as_deref().unwrap_or(""), args.prompt);
+    if let Err(why) = limits::check_text(&text, limits::MAX_VLM_PROMPT_BYTES) {
+        bail!("--prompt (with --system) {why}");
+    }
+    if !(1..=limits::MAX_NEW_TOKENS).contains(&args.max_new_tokens) {
+        bail!(
+            "--max-new-tokens must be between 1 and {}, got {}",
+            limits::MAX_NEW_TOKENS,
+            args.max_new_tokens
+        );
+    }
+    let temperature_ok = args.temperature.is_finite() && args.temperature > 0.0;
+    let top_p_ok = args.top_p.is_finite() && args.top_p > 0.0 && args.top_p <= 1.0;
+    if !(temperature_ok && top_p_ok) {
+        bail!("--temperature must be positive and --top-p in (0, 1]");
+    }
+    Ok(())
+}
+
 pub fn run(command: VlmCommand) -> Result<()> {
     match command {
         VlmCommand::Generate(args) => {
+            check_args(&args)?;
             let dtype = parse_dtype(&args.dtype)?;
-            let device = crate::video_cli::device();
+            let device = args.device.resolve()?;
             let images = args
                 .images
                 .iter()
-                .map(|p| {
-                    image::open(p).with_context(|| format!("cannot read image {}", p.display()))
-                })
+                .map(|p| read_image(p))
                 .collect::<Result<Vec<_>>>()?;
+            check_image_budget(&args.model, &images)?;
             let mut model = Qwen25Vl::load(&args.model, dtype, &device)
                 .with_context(|| format!("cannot load Qwen2.5-VL from {}", args.model.display()))?;
             let request = GenerateRequest {

@@ -1,5 +1,6 @@
 //! `check-ckpts`: one error naming the model, the root, the folder and every
-//! missing file; escapes refused; broken weight files caught.
+//! missing file; escapes refused; broken weight files caught; exactly the
+//! files the model loaders read are required (their catalogues).
 
 mod common;
 
@@ -8,62 +9,16 @@ use std::path::Path;
 
 use common::*;
 
-fn safetensors(path: &Path, floats: usize) {
-    let header = format!(
-        "{{\"w\":{{\"dtype\":\"F32\",\"shape\":[{floats}],\"data_offsets\":[0,{}]}}}}",
-        floats * 4
-    );
-    let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
-    bytes.extend_from_slice(header.as_bytes());
-    bytes.extend(std::iter::repeat_n(1u8, floats * 4));
-    fs::write(path, bytes).unwrap();
-}
-
-/// A Qwen2.5-VL folder in the Hugging Face layout, sharded.
+/// A Qwen2.5-VL folder in the Hugging Face layout (the tiny checkpoint:
+/// real configs and tokenizer, weights in three shards, the chat template in
+/// `chat_template.json`).
 fn qwen(dir: &Path) {
-    fs::create_dir_all(dir).unwrap();
-    fs::write(dir.join("config.json"), r#"{"model_type":"qwen2_5_vl"}"#).unwrap();
-    for f in [
-        "tokenizer.json",
-        "tokenizer_config.json",
-        "preprocessor_config.json",
-        "chat_template.json",
-    ] {
-        fs::write(dir.join(f), "{}").unwrap();
-    }
-    fs::write(
-        dir.join("model.safetensors.index.json"),
-        r#"{"weight_map":{"a":"model-00001-of-00002.safetensors","b":"model-00002-of-00002.safetensors"}}"#,
-    )
-    .unwrap();
-    safetensors(&dir.join("model-00001-of-00002.safetensors"), 64);
-    safetensors(&dir.join("model-00002-of-00002.safetensors"), 64);
+    kubewan_qwen2_5_vl::write_tiny_checkpoint(dir, 0).unwrap();
 }
 
-/// A Wan2.1 folder in the diffusers layout.
+/// A Wan2.1 FLF2V folder in the diffusers layout (the tiny checkpoint).
 fn wan(dir: &Path) {
-    fs::create_dir_all(dir).unwrap();
-    fs::write(
-        dir.join("model_index.json"),
-        r#"{"_class_name":"WanImageToVideoPipeline","transformer":["diffusers","WanTransformer3DModel"],"vae":["diffusers","AutoencoderKLWan"],"text_encoder":["transformers","UMT5EncoderModel"],"tokenizer":["transformers","T5TokenizerFast"],"scheduler":["diffusers","UniPCMultistepScheduler"],"image_encoder":["transformers","CLIPVisionModel"],"image_processor":["transformers","CLIPImageProcessor"]}"#,
-    )
-    .unwrap();
-    for (sub, stem) in [
-        ("transformer", "diffusion_pytorch_model"),
-        ("vae", "diffusion_pytorch_model"),
-        ("text_encoder", "model"),
-        ("image_encoder", "model"),
-    ] {
-        fs::create_dir_all(dir.join(sub)).unwrap();
-        fs::write(dir.join(sub).join("config.json"), "{}").unwrap();
-        safetensors(&dir.join(sub).join(format!("{stem}.safetensors")), 32);
-    }
-    fs::create_dir_all(dir.join("tokenizer")).unwrap();
-    fs::write(dir.join("tokenizer/tokenizer.json"), "{}").unwrap();
-    fs::create_dir_all(dir.join("scheduler")).unwrap();
-    fs::write(dir.join("scheduler/scheduler_config.json"), "{}").unwrap();
-    fs::create_dir_all(dir.join("image_processor")).unwrap();
-    fs::write(dir.join("image_processor/preprocessor_config.json"), "{}").unwrap();
+    kubewan_wan::write_tiny_checkpoint(dir, 0).unwrap();
 }
 
 fn check(root: &Path, models: &[&str]) -> std::process::Output {
@@ -94,7 +49,7 @@ fn a_removed_file_is_named_with_the_root_and_folder() {
     let root = tempfile::tempdir().unwrap();
     qwen(&root.path().join("vlm"));
     wan(&root.path().join("video"));
-    fs::remove_file(root.path().join("vlm/model-00002-of-00002.safetensors")).unwrap();
+    fs::remove_file(root.path().join("vlm/model-00002-of-00003.safetensors")).unwrap();
     fs::remove_file(
         root.path()
             .join("video/vae/diffusion_pytorch_model.safetensors"),
@@ -106,7 +61,7 @@ fn a_removed_file_is_named_with_the_root_and_folder() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     let canon = fs::canonicalize(root.path()).unwrap();
     assert!(
-        stderr.contains("model-00002-of-00002.safetensors"),
+        stderr.contains("model-00002-of-00003.safetensors"),
         "{stderr}"
     );
     assert!(
@@ -156,14 +111,14 @@ fn paths_escaping_the_root_are_refused() {
 fn truncated_and_mislabelled_weights_are_caught() {
     let root = tempfile::tempdir().unwrap();
     qwen(&root.path().join("vlm"));
-    let shard = root.path().join("vlm/model-00001-of-00002.safetensors");
+    let shard = root.path().join("vlm/model-00001-of-00003.safetensors");
     let bytes = fs::read(&shard).unwrap();
     fs::write(&shard, &bytes[..bytes.len() - 17]).unwrap();
     let out = check(root.path(), &["vlm"]);
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
-        stderr.contains("model-00001-of-00002.safetensors") && stderr.contains("truncated"),
+        stderr.contains("model-00001-of-00003.safetensors") && stderr.contains("truncated"),
         "{stderr}"
     );
     // A PNG saved under a weights name.
@@ -189,4 +144,138 @@ fn a_folder_of_an_unknown_kind_is_a_clear_error() {
         stderr.contains("model_type \"llama\"") && stderr.contains("qwen2_5_vl"),
         "{stderr}"
     );
+}
+
+#[test]
+fn the_chat_template_may_be_in_any_file_the_loader_reads_it_from() {
+    let root = tempfile::tempdir().unwrap();
+    let vlm = root.path().join("vlm");
+    qwen(&vlm);
+    // chat_template.json holds it
+    let out = check(root.path(), &["vlm"]);
+    assert!(out.status.success(), "{}", text(&out));
+    // the template kept in tokenizer_config.json (older releases)
+    fs::rename(
+        vlm.join("chat_template.json"),
+        vlm.join("tokenizer_config.json"),
+    )
+    .unwrap();
+    let out = check(root.path(), &["vlm"]);
+    assert!(out.status.success(), "{}", text(&out));
+    // none of the three: every alternative is named, with what it is for
+    fs::remove_file(vlm.join("tokenizer_config.json")).unwrap();
+    let out = check(root.path(), &["vlm"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    for name in [
+        "chat_template.jinja",
+        "chat_template.json",
+        "tokenizer_config.json",
+        "the chat template",
+    ] {
+        assert!(stderr.contains(name), "{name}: {stderr}");
+    }
+}
+
+/// A real `transformer/config.json`, with or without the image branch.
+fn transformer_config(dir: &Path, image_dim: Option<usize>) {
+    let image = image_dim.map_or(String::new(), |d| format!(r#","image_dim":{d}"#));
+    fs::write(
+        dir.join("transformer/config.json"),
+        format!(
+            r#"{{"num_attention_heads":2,"attention_head_dim":12,"in_channels":36,"out_channels":16,"text_dim":32,"freq_dim":16,"ffn_dim":48,"num_layers":1{image}}}"#
+        ),
+    )
+    .unwrap();
+}
+
+#[test]
+fn wan_needs_the_fast_tokenizer_and_clip_only_with_an_image_branch() {
+    let root = tempfile::tempdir().unwrap();
+    let video = root.path().join("video");
+    wan(&video);
+    // spiece.model is not read: the tokenizer is tokenizer.json
+    fs::rename(
+        video.join("tokenizer/tokenizer.json"),
+        video.join("tokenizer/spiece.model"),
+    )
+    .unwrap();
+    let out = check(root.path(), &["video"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("tokenizer/tokenizer.json (the UMT5 tokenizer"),
+        "{stderr}"
+    );
+    fs::rename(
+        video.join("tokenizer/spiece.model"),
+        video.join("tokenizer/tokenizer.json"),
+    )
+    .unwrap();
+    // no image branch: no CLIP encoder read, none required
+    transformer_config(&video, None);
+    fs::remove_dir_all(video.join("image_encoder")).unwrap();
+    fs::remove_dir_all(video.join("image_processor")).unwrap();
+    let out = check(root.path(), &["video"]);
+    assert!(out.status.success(), "{}", text(&out));
+    // an image branch: CLIP's config, weights and image processor are required
+    transformer_config(&video, Some(64));
+    let out = check(root.path(), &["video"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    for file in [
+        "image_encoder/config.json",
+        "image_encoder/model.safetensors",
+        "image_processor/preprocessor_config.json",
+    ] {
+        assert!(stderr.contains(file), "{file}: {stderr}");
+    }
+}
+
+#[test]
+fn wan22_needs_its_low_noise_expert_and_a_usable_index() {
+    let root = tempfile::tempdir().unwrap();
+    let video = root.path().join("video");
+    wan(&video);
+    transformer_config(&video, None);
+    fs::remove_dir_all(video.join("image_encoder")).unwrap();
+    fs::remove_dir_all(video.join("image_processor")).unwrap();
+    // the tiny Wan2.1 index with Wan2.2's boundary and second transformer
+    let mut index: serde_json::Value =
+        serde_json::from_slice(&fs::read(video.join("model_index.json")).unwrap()).unwrap();
+    index["boundary_ratio"] = serde_json::json!(0.9);
+    index["transformer_2"] = serde_json::json!(["diffusers", "WanTransformer3DModel"]);
+    index["image_encoder"] = serde_json::json!([null, null]);
+    index["image_processor"] = serde_json::json!([null, null]);
+    let index = index.to_string();
+    fs::write(video.join("model_index.json"), &index).unwrap();
+    let out = check(root.path(), &["video"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    for file in [
+        "transformer_2/config.json",
+        "transformer_2/diffusion_pytorch_model.safetensors",
+    ] {
+        assert!(stderr.contains(file), "{file}: {stderr}");
+    }
+    fs::create_dir_all(video.join("transformer_2")).unwrap();
+    for file in ["config.json", "diffusion_pytorch_model.safetensors"] {
+        fs::copy(
+            video.join("transformer").join(file),
+            video.join("transformer_2").join(file),
+        )
+        .unwrap();
+    }
+    let out = check(root.path(), &["video"]);
+    assert!(out.status.success(), "{}", text(&out));
+    // Wan2.2 TI2V-5B's per-token timesteps are refused by name
+    fs::write(
+        video.join("model_index.json"),
+        index.replace("\"boundary_ratio\":0.9", "\"expand_timesteps\":true"),
+    )
+    .unwrap();
+    let out = check(root.path(), &["video"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("expand_timesteps"), "{stderr}");
 }

@@ -1,147 +1,113 @@
-//! `kubewan-runner local examples/traveljob.yaml`: a playable MP4 (frame count
-//! and size read back by the runner's own reader AND by ffprobe) and a status
-//! with per-phase memory figures.
+//! `kubewan-runner local examples/traveljob.yaml`: the tiny Qwen2.5-VL writes
+//! the prompts, the tiny Wan2.1 FLF2V generates the chained segments, the
+//! stitch writes a playable MP4. The test fails when the pipeline is bypassed:
+//! every prompt must be the VLM's (with its tokens), every segment Wan's (its
+//! report names the model, dtype, steps, seed, per-phase memory and
+//! admission), the chained segment must start with the previous segment's
+//! tail, and ffprobe must count the planned frames.
+//!
+//! The seam is checked on the frames before encoding, exactly: the chained
+//! segment's report has a digest of its first `overlap` frames, the previous
+//! segment's a digest of its last ones, and the tail file between them holds
+//! those frames. H.264 is lossy (about 16 levels of 255 on the noise the
+//! random weights draw), so the written MP4s are compared only to each other,
+//! within 8 levels, against the ~60 levels between two generated frames.
 
 mod common;
 
-use std::process::Command;
-
 use common::*;
-use kubewan_crds::TravelJobStatus;
+use kubewan_crds::Plan;
+use kubewan_crds::spec::Dtype;
 use kubewan_crds::status::{JobPhase, StepPhase};
-
-#[derive(serde::Deserialize)]
-struct Printed {
-    status: TravelJobStatus,
-}
-
-fn ffprobe(path: &std::path::Path) -> (u64, u64, u64, String) {
-    let out = Command::new("ffprobe")
-        .args([
-            "-v",
-            "error",
-            "-count_frames",
-            "-select_streams",
-            "v:0",
-            "-show_entries",
-            "stream=codec_name,width,height,nb_read_frames",
-            "-of",
-            "json",
-        ])
-        .arg(path)
-        .output()
-        .unwrap_or_else(|e| {
-            panic!(
-                "ffprobe is needed to check the video independently ({e}); install it with `apt-get install -y ffmpeg`"
-            )
-        });
-    assert!(
-        out.status.success(),
-        "ffprobe rejects {}: {}",
-        path.display(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let s = &v["streams"][0];
-    let num = |k: &str| {
-        s[k].as_u64()
-            .or_else(|| s[k].as_str().and_then(|t| t.parse().ok()))
-            .unwrap_or_else(|| panic!("ffprobe gave no {k}: {v}"))
-    };
-    (
-        num("nb_read_frames"),
-        num("width"),
-        num("height"),
-        s["codec_name"].as_str().unwrap_or("").to_owned(),
-    )
-}
+use kubewan_e2e::pipeline::{check_seams, check_vlm_prompts, check_wan_segment, full_report};
+use kubewan_runner::video::frames::{FramesShape, frames_digest, read_frames_safetensors};
 
 #[test]
-fn the_example_job_runs_locally_and_writes_a_playable_video() {
+fn the_example_runs_the_vlm_and_wan_and_writes_a_playable_video() {
     let work = tempfile::tempdir().unwrap();
-    let out_dir = work.path().join("out");
     let example = repo_root().join("examples/traveljob.yaml");
-    let out = runner()
-        .arg("local")
-        .arg(&example)
-        .arg("--ckpts")
-        .arg(work.path().join("ckpts"))
-        .arg("--out")
-        .arg(&out_dir)
-        .arg("--tiny-ckpts")
-        .arg("--quiet")
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", text(&out));
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let status = serde_saphyr::from_str::<Printed>(&stdout)
-        .unwrap_or_else(|e| panic!("the printed status does not parse: {e}\n{stdout}"))
-        .status;
-    assert_eq!(status.phase, JobPhase::Succeeded, "{stdout}");
+    let run = run_local(
+        &example,
+        &work.path().join("ckpts"),
+        &examples(),
+        &work.path().join("out"),
+    );
+    assert!(run.output.status.success(), "{}", text(&run.output));
+    let status = &run.status;
+    let job = kubewan_e2e::example();
+    let plan = Plan::validated(&job.spec).unwrap();
+    assert!(plan.chain && plan.segments[1].overlap_before == 4);
+    assert_eq!(plan.dtype, Dtype::Bf16);
+    assert_eq!(status.phase, JobPhase::Succeeded);
     assert_eq!(status.progress.as_deref(), Some("2/2"));
-    assert_eq!(status.video_model.as_deref(), Some("preview (preview)"));
-    let output = status.output.clone().expect("a final video");
-    assert_eq!(output, "default/example/travel.mp4");
+    assert_eq!(status.video_model.as_deref(), Some("tiny/wan2.1-flf2v"));
+    assert_eq!(status.output.as_deref(), Some("default/example/travel.mp4"));
 
-    // Per-phase memory figures in every step's report.
-    let memory = status.memory.clone().expect("a memory summary");
-    assert!(memory.peak_ram_bytes > 0 && !memory.peak_ram.is_empty());
+    // The VLM wrote every prompt and Wan generated every segment with it.
+    let out = work.path().join("out");
+    check_vlm_prompts(status, &plan, &out);
+    let vlm = full_report(&out, status.prompts.as_ref().unwrap());
+    let admitted: Vec<&str> = vlm.admission.iter().map(|a| a.phase.as_str()).collect();
+    assert_eq!(admitted, ["vlm_load", "vlm_generate"]);
     for seg in &status.segments {
-        assert_eq!(seg.step.phase, StepPhase::Succeeded);
-        let report = seg.step.report.as_ref().unwrap();
-        assert!(report.preview);
-        let names: Vec<&str> = report.phases.iter().map(|p| p.name.as_str()).collect();
-        assert!(
-            names.contains(&"video_load") && names.contains(&"encode"),
-            "{names:?}"
+        check_wan_segment(seg, &plan, &out);
+        let report = full_report(&out, &seg.step);
+        assert_eq!(
+            report.prompts[0].prompt, vlm.prompts[seg.index as usize].prompt,
+            "segment {} used the VLM's prompt for it",
+            seg.index
         );
-        for p in &report.phases {
-            assert!(
-                p.peak_rss_bytes >= p.start.rss_bytes.min(p.end.rss_bytes) && p.peak_rss_bytes > 0
-            );
-            assert!(p.start.available_bytes.is_some());
-        }
     }
-    let stitch = status.stitch.as_ref().unwrap().report.as_ref().unwrap();
+
+    // The seam: segment 1 starts with segment 0's tail, exactly, and that
+    // tail is what the tail file handed over.
+    check_seams(status, &plan, &out);
+    let tail = read_frames_safetensors(
+        &run.job_dir.join("segment-0.tail.safetensors"),
+        FramesShape {
+            count: plan.segments[1].overlap_before,
+            width: plan.width,
+            height: plan.height,
+        },
+    )
+    .unwrap();
+    assert_eq!(tail.len(), 4);
+    let handed = full_report(&out, &status.segments[0].step).chain.unwrap();
+    assert_eq!(handed.tail_digest, Some(frames_digest(&tail)));
+    // ... and in the written videos, as an independent decoder reads them.
+    let (w, h) = (plan.width, plan.height);
+    let seg0 = ffmpeg_frames(&run.job_dir.join("segment-0.mp4"), w, h);
+    let seg1 = ffmpeg_frames(&run.job_dir.join("segment-1.mp4"), w, h);
+    assert_eq!((seg0.len(), seg1.len()), (17, 17));
+    for k in 0..4 {
+        let d = mean_abs_diff(&seg1[k], &seg0[13 + k]);
+        assert!(d < 8.0, "overlap frame {k}: {d:.1} levels apart");
+    }
+    let generated = mean_abs_diff(&seg1[4], &seg0[16]);
+    assert!(
+        generated > 24.0,
+        "the first generated frame is new: {generated:.1}"
+    );
+
+    // Plan: 2 segments of 17 frames, overlap 4 -> 30 frames of 160x96.
+    let video = run.job_dir.join("travel.mp4");
+    let (frames, vw, vh) = kubewan_runner::video::mp4::probe_video(&video).unwrap();
+    assert_eq!((frames, vw, vh), (plan.total_frames as usize, w, h));
+    assert_eq!(plan.total_frames, 30);
+    let (ff_frames, ff_w, ff_h, codec) = ffprobe(&video);
+    assert_eq!((ff_frames, ff_w, ff_h), (30, 160, 96));
+    assert_eq!(codec, "h264");
+    for i in 0..2 {
+        assert!(run.job_dir.join(format!("memory-segment-{i}.svg")).exists());
+    }
+    // The stitch's memory, too: every stage has per-phase figures.
+    let stitch = full_report(&out, status.stitch.as_ref().unwrap());
     assert!(
         stitch
             .phases
             .iter()
             .any(|p| p.name == "stitch" && p.peak_rss_bytes > 0)
     );
-    // The tiny VLM wrote the prompts (any pair that fell back says why), and
-    // its release was measured.
-    let prompts = status.prompts.as_ref().unwrap();
-    assert_eq!(prompts.phase, StepPhase::Succeeded);
-    assert!(
-        status.prompt_fallbacks.iter().all(|p| p.reason.is_some()),
-        "{stdout}"
-    );
-    let vlm = prompts.report.as_ref().unwrap();
-    let names: Vec<&str> = vlm.phases.iter().map(|p| p.name.as_str()).collect();
-    for phase in ["vlm_load", "vlm_generate", "vlm_release"] {
-        assert!(names.contains(&phase), "{names:?}");
-    }
-    assert!(vlm.release.is_some(), "{stdout}");
-    assert!(memory.vlm_ram_freed.is_some(), "{stdout}");
-
-    // Plan: 2 segments of 33 frames, overlap 8 → 58 frames of 320x192.
-    let video = out_dir.join(&output);
-    let (frames, w, h) = kubewan_runner::video::mp4::probe_video(&video).unwrap();
-    assert_eq!((frames, w, h), (58, 320, 192));
-    let (ff_frames, ff_w, ff_h, codec) = ffprobe(&video);
-    assert_eq!((ff_frames, ff_w, ff_h), (58, 320, 192));
-    assert_eq!(codec, "h264");
-    for i in 0..2 {
-        let seg = out_dir.join(format!("default/example/segment-{i}.mp4"));
-        assert_eq!(ffprobe(&seg).0, 33);
-        assert!(
-            out_dir
-                .join(format!("default/example/memory-segment-{i}.svg"))
-                .exists()
-        );
-    }
-    assert!(out_dir.join("default/example/prompts.json").exists());
 }
 
 #[test]
@@ -172,7 +138,7 @@ fn an_invalid_job_fails_with_every_problem_named() {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("is not a TravelJob"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not valid YAML"));
 }
 
 #[test]

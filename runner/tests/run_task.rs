@@ -5,7 +5,7 @@
 mod common;
 
 use common::*;
-use kubewan_crds::task::Stage;
+use kubewan_crds::StepId;
 
 fn two_keyframes(v: &Volumes) {
     keyframe(&v.inputs().join("a.png"), 96, 64, 10);
@@ -19,7 +19,7 @@ fn preview_segment_writes_a_video_reports_and_a_timeline() {
     let v = Volumes::new();
     two_keyframes(&v);
     let plan = plan(PREVIEW);
-    let task = task(&plan, Stage::Segment, Some(0));
+    let task = task(&plan, StepId::Segment(0));
     let out = v.run_task(&serde_json::to_string(&task).unwrap());
     assert!(out.status.success(), "{}", text(&out));
     let report = v.termination_report();
@@ -58,6 +58,55 @@ fn preview_segment_writes_a_video_reports_and_a_timeline() {
     );
 }
 
+/// A pod that requested a GPU computes on it or fails: this CPU build refuses
+/// at once, before any checkpoint is read, with a message that says why; the
+/// same task without the GPU gets as far as the (missing) checkpoint, and a
+/// preview segment, which runs no model, still runs on a GPU pod.
+#[test]
+#[cfg(not(feature = "cuda"))]
+fn a_gpu_task_on_a_cpu_only_runner_fails_at_once() {
+    let v = Volumes::new();
+    two_keyframes(&v);
+    let wan = plan(
+        "keyframes: [a.png, b.png]\nframes: 9\noverlap: 0\nresolution: 64x48\nmodel: {name: wan/absent}\nenhancePrompt: {enabled: true, model: vlm/absent}",
+    );
+    for step in [StepId::Prompts, StepId::Segment(0)] {
+        let mut gpu_task = task(&wan, step);
+        gpu_task.gpu = true;
+        let out = v.run_task(&serde_json::to_string(&gpu_task).unwrap());
+        assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+        let report = v.termination_report();
+        let msg = report.message.clone().unwrap();
+        assert!(!report.ok, "{report:?}");
+        assert!(
+            msg.contains("cannot run the models on cuda:0") && msg.contains("built without CUDA"),
+            "{msg}"
+        );
+        assert!(
+            !msg.contains("absent"),
+            "refused before the checkpoint: {msg}"
+        );
+        assert!(
+            report.phases.is_empty() && report.device.is_none(),
+            "{report:?}"
+        );
+        assert!(no_videos(&v.output()));
+
+        let cpu_task = task(&wan, step);
+        v.run_task(&serde_json::to_string(&cpu_task).unwrap());
+        let report = v.termination_report();
+        assert_eq!(report.device.as_deref(), Some("cpu"), "{report:?}");
+        if step == StepId::Segment(0) {
+            assert!(report.message.unwrap().contains("wan/absent"));
+        }
+    }
+    let mut preview = task(&plan(PREVIEW), StepId::Segment(0));
+    preview.gpu = true;
+    let out = v.run_task(&serde_json::to_string(&preview).unwrap());
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(v.termination_report().device.is_none());
+}
+
 #[test]
 fn an_unparsable_task_fails_with_a_report() {
     let v = Volumes::new();
@@ -88,7 +137,7 @@ fn a_missing_keyframe_is_named() {
     let v = Volumes::new();
     keyframe(&v.inputs().join("a.png"), 96, 64, 10);
     let plan = plan(PREVIEW);
-    let out = v.run_task(&serde_json::to_string(&task(&plan, Stage::Segment, Some(0))).unwrap());
+    let out = v.run_task(&serde_json::to_string(&task(&plan, StepId::Segment(0))).unwrap());
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     let msg = v.termination_report().message.unwrap();
     assert!(
@@ -108,7 +157,7 @@ fn a_corrupt_keyframe_is_a_clear_error_and_leaves_no_video() {
     )
     .unwrap();
     let plan = plan(PREVIEW);
-    let out = v.run_task(&serde_json::to_string(&task(&plan, Stage::Segment, Some(0))).unwrap());
+    let out = v.run_task(&serde_json::to_string(&task(&plan, StepId::Segment(0))).unwrap());
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     let msg = v.termination_report().message.unwrap();
     assert!(msg.contains("b.png") && msg.contains("corrupt"), "{msg}");
@@ -125,7 +174,7 @@ fn a_keyframe_escaping_the_inputs_is_refused() {
     std::fs::remove_file(v.inputs().join("b.png")).ok();
     std::os::unix::fs::symlink("/etc/hostname", v.inputs().join("b.png")).unwrap();
     let out =
-        v.run_task(&serde_json::to_string(&task(&plan(PREVIEW), Stage::Segment, Some(0))).unwrap());
+        v.run_task(&serde_json::to_string(&task(&plan(PREVIEW), StepId::Segment(0))).unwrap());
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     let msg = v.termination_report().message.unwrap();
     assert!(msg.contains("outside the inputs folder"), "{msg}");
@@ -141,7 +190,7 @@ fn an_unwritable_output_folder_fails_before_any_work() {
     std::fs::write(&blocked, b"x").unwrap();
     let plan = plan(PREVIEW);
     let out = v.run_task_with_output(
-        &serde_json::to_string(&task(&plan, Stage::Segment, Some(0))).unwrap(),
+        &serde_json::to_string(&task(&plan, StepId::Segment(0))).unwrap(),
         &blocked,
     );
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
@@ -162,7 +211,7 @@ fn a_video_model_folder_of_the_wrong_kind_is_refused() {
     let plan = plan(
         "keyframes: [a.png, b.png]\nframes: 9\noverlap: 0\nresolution: 64x48\nmodel: {name: Qwen2.5-VL-7B-Instruct}\nenhancePrompt: {enabled: false}",
     );
-    let out = v.run_task(&serde_json::to_string(&task(&plan, Stage::Segment, Some(0))).unwrap());
+    let out = v.run_task(&serde_json::to_string(&task(&plan, StepId::Segment(0))).unwrap());
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     let msg = v.termination_report().message.unwrap();
     assert!(
@@ -181,18 +230,22 @@ fn a_chained_segment_without_its_predecessor_tail_says_so() {
     let plan = plan(
         "keyframes: [a.png, b.png, c.png]\nframes: 9\noverlap: 4\nresolution: 64x48\nmodel: {name: preview}\nenhancePrompt: {enabled: false}",
     );
-    let out = v.run_task(&serde_json::to_string(&task(&plan, Stage::Segment, Some(1))).unwrap());
+    let out = v.run_task(&serde_json::to_string(&task(&plan, StepId::Segment(1))).unwrap());
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     let msg = v.termination_report().message.unwrap();
     assert!(msg.contains("segment-0.tail.safetensors"), "{msg}");
     // In order it works, and segment 1 starts from segment 0's last frames.
     for i in 0..2 {
-        let out =
-            v.run_task(&serde_json::to_string(&task(&plan, Stage::Segment, Some(i))).unwrap());
+        let out = v.run_task(&serde_json::to_string(&task(&plan, StepId::Segment(i))).unwrap());
         assert!(out.status.success(), "{}", text(&out));
     }
     let tail = kubewan_runner::video::frames::read_frames_safetensors(
         &v.job_dir().join("segment-0.tail.safetensors"),
+        kubewan_runner::video::frames::FramesShape {
+            count: 4,
+            width: 64,
+            height: 48,
+        },
     )
     .unwrap();
     assert_eq!(tail.len(), 4);
@@ -213,7 +266,7 @@ fn a_chained_segment_without_its_predecessor_tail_says_so() {
     let tail_path = v.job_dir().join("segment-0.tail.safetensors");
     let bytes = std::fs::read(&tail_path).unwrap();
     std::fs::write(&tail_path, &bytes[..bytes.len() / 2]).unwrap();
-    let out = v.run_task(&serde_json::to_string(&task(&plan, Stage::Segment, Some(1))).unwrap());
+    let out = v.run_task(&serde_json::to_string(&task(&plan, StepId::Segment(1))).unwrap());
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     let msg = v.termination_report().message.unwrap();
     assert!(msg.contains("not a readable safetensors"), "{msg}");
@@ -248,7 +301,7 @@ fn prompts_written_for_another_plan_are_not_reused() {
     let current = plan(
         "keyframes: [a.png, b.png]\nframes: 9\noverlap: 0\nresolution: 64x48\nmodel: {name: preview}\nprompt: the real prompt",
     );
-    let seg0 = serde_json::to_string(&task(&current, Stage::Segment, Some(0))).unwrap();
+    let seg0 = serde_json::to_string(&task(&current, StepId::Segment(0))).unwrap();
     let out = v.run_task(&seg0);
     assert!(out.status.success(), "{}", text(&out));
     let report = v.termination_report();
@@ -272,7 +325,7 @@ fn prompts_written_for_another_plan_are_not_reused() {
     let no_vlm = plan(
         "keyframes: [a.png, b.png]\nframes: 9\noverlap: 0\nresolution: 64x48\nmodel: {name: preview}\nprompt: own prompt\nenhancePrompt: {enabled: false}",
     );
-    let out = v.run_task(&serde_json::to_string(&task(&no_vlm, Stage::Segment, Some(0))).unwrap());
+    let out = v.run_task(&serde_json::to_string(&task(&no_vlm, StepId::Segment(0))).unwrap());
     assert!(out.status.success(), "{}", text(&out));
     assert_eq!(v.termination_report().prompts[0].prompt, "own prompt");
 }

@@ -9,12 +9,13 @@ use std::path::Path;
 
 use common::*;
 use kubewan_crds::RunReport;
-use kubewan_crds::task::Stage;
+use kubewan_crds::StepId;
 use kubewan_runner::video::{Frame, Mp4Writer};
 
-const W: u32 = 640;
-const H: u32 = 384;
-const FRAMES: u32 = 33;
+const W: u32 = 320;
+const H: u32 = 192;
+/// 31 segments (the most a job may have) of 81 frames hold 10× the frames of 3.
+const FRAMES: u32 = 81;
 const OVERLAP: u32 = 8;
 
 fn segment_video(path: &Path, seed: u32) {
@@ -46,7 +47,7 @@ fn stitch(segments: u32, source: &Path) -> RunReport {
     for i in 0..segments {
         std::fs::copy(source, v.job_dir().join(format!("segment-{i}.mp4"))).unwrap();
     }
-    let out = v.run_task(&serde_json::to_string(&task(&plan, Stage::Stitch, None)).unwrap());
+    let out = v.run_task(&serde_json::to_string(&task(&plan, StepId::Stitch)).unwrap());
     assert!(out.status.success(), "{}", text(&out));
     let report: RunReport = serde_json::from_str(
         &std::fs::read_to_string(v.job_dir().join("report-stitch.json")).unwrap(),
@@ -65,7 +66,7 @@ fn stitch_peak_memory_stays_flat_when_the_video_is_10x_longer() {
     let source = dir.path().join("segment.mp4");
     segment_video(&source, 0);
     let short = stitch(3, &source);
-    let long = stitch(33, &source);
+    let long = stitch(31, &source);
     let peak = |r: &RunReport| {
         let p = r
             .phases

@@ -1,114 +1,93 @@
 #!/usr/bin/env bash
-# Runs kubewan-operator as a local process under EXACTLY the Helm chart's
-# identity: it impersonates the chart's ServiceAccount
-# (system:serviceaccount:kubewan-system:kubewan and its groups), so every API
-# call it makes is authorised by the chart's ClusterRole/Role, not by the
-# admin credentials of $KUBECONFIG (which only hold the right to impersonate).
-# Why a local process: the test kubelet runs pods as local processes from this
-# build, not container images, so the chart is installed with replicaCount=0
-# and this script plays its Deployment (same flags as the chart's args).
+# Controls the operator that the chart runs in-cluster (Deployment
+# kubewan-system/kubewan, installed by tests/e2e/run.sh), the way its failures
+# and operations happen in a real cluster:
 #
-#   tests/e2e/operator.sh start     start it (no-op when running); waits for /readyz
-#   tests/e2e/operator.sh stop      SIGTERM (releases the leader lease), wait
-#   tests/e2e/operator.sh kill      SIGKILL (a crash: the lease must expire)
-#   tests/e2e/operator.sh restart   stop + start
-#   tests/e2e/operator.sh status    print pid and command line; exit 1 when not running
+#   tests/e2e/operator.sh status     the leader (Lease holder) and the pods; exit 1 when no pod is Ready
+#   tests/e2e/operator.sh kill       SIGKILL the leader's container process through the node's
+#                                    containerd (a crash: no shutdown, no Lease release); the
+#                                    kubelet restarts the container; waits until it is Ready again
+#   tests/e2e/operator.sh crash      SIGKILL the leader's container process, as kill, then delete
+#                                    its pod at once: the Deployment starts a fresh pod (no
+#                                    crash-loop backoff, so crashes can repeat); waits until a
+#                                    new pod holds the Lease
+#   tests/e2e/operator.sh scale N    N replicas; waits until N are Ready (0: until none is left)
+#   tests/e2e/operator.sh leader     print the Lease holder (a pod name)
 #
-# Environment: KUBECONFIG (required), KUBEWAN_OPERATOR_BIN (default: the cargo
-# target dir's debug/kubewan-operator), KUBEWAN_E2E_STATE (pid + log; default
-# ~/.cache/kubewan/e2e), KUBEWAN_E2E_METRICS_ADDR (default 127.0.0.1:18080),
-# KUBEWAN_RELEASE_NAMESPACE (default kubewan-system), KUBEWAN_SERVICE_ACCOUNT
-# (default kubewan), KUBEWAN_E2E_INSTANCE (a second replica: its own pid file
-# and log; give it its own KUBEWAN_E2E_METRICS_ADDR).
+# Environment: KUBECONFIG and KUBEWAN_CONTAINERD_ADDRESS (tests/k8s/cluster.sh env),
+# KUBEWAN_RELEASE_NAMESPACE (default kubewan-system), KUBEWAN_RELEASE (default kubewan).
+# For development the operator also runs out of cluster: scale to 0, then
+# `cargo run -p kubewan-operator -- --leader-elect --lease-namespace kubewan-system
+#  --allowed-volume-kinds persistentVolumeClaim,hostPath
+#  --lease-name kubewan-leader --as system:serviceaccount:kubewan-system:kubewan
+#  --as-group system:serviceaccounts --as-group system:serviceaccounts:kubewan-system`
+# (impersonating the chart's ServiceAccount, so the chart's RBAC still applies).
 set -euo pipefail
-root=$(cd "$(dirname "$0")/../.." && pwd)
-: "${KUBECONFIG:?KUBECONFIG is not set: run tests/k8s/cluster.sh up (or tests/e2e/run.sh)}"
-state="${KUBEWAN_E2E_STATE:-$HOME/.cache/kubewan/e2e}"
-mkdir -p "$state"
-# KUBEWAN_E2E_INSTANCE=N runs a further replica (own pid file and log).
-inst="${KUBEWAN_E2E_INSTANCE:-}"
-pidfile="$state/operator${inst:+-$inst}.pid"
-logfile="$state/operator${inst:+-$inst}.log"
-addr="${KUBEWAN_E2E_METRICS_ADDR:-127.0.0.1:18080}"
+: "${KUBECONFIG:?KUBECONFIG is not set: eval \"\$(tests/k8s/cluster.sh env)\" (or run tests/e2e/run.sh)}"
 ns="${KUBEWAN_RELEASE_NAMESPACE:-kubewan-system}"
-sa="${KUBEWAN_SERVICE_ACCOUNT:-kubewan}"
-if [[ -z ${KUBEWAN_OPERATOR_BIN:-} ]]; then
-  target=$(cd "$root" && cargo metadata --format-version 1 --no-deps |
-    python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
-  KUBEWAN_OPERATOR_BIN="$target/debug/kubewan-operator"
-fi
+release="${KUBEWAN_RELEASE:-kubewan}"
+selector="app.kubernetes.io/instance=$release,app.kubernetes.io/component=operator"
 
-starttime() { awk '{print $22}' "/proc/$1/stat" 2>/dev/null || true; }
-alive() { # prints the pid when the recorded process is still ours
-  local pid start
-  [[ -f $pidfile ]] || return 1
-  read -r pid start <"$pidfile" || return 1
-  [[ -n ${pid:-} && -d /proc/$pid && "$(starttime "$pid")" == "$start" ]] || return 1
-  echo "$pid"
+leader() {
+  kubectl -n "$ns" get lease "$release-leader" -o jsonpath='{.spec.holderIdentity}'
 }
 
-start() {
-  if pid=$(alive); then
-    echo "operator already running (pid $pid)"
-    return 0
-  fi
-  [[ -x $KUBEWAN_OPERATOR_BIN ]] || { echo "no operator binary at $KUBEWAN_OPERATOR_BIN (cargo build -p kubewan-operator)" >&2; exit 1; }
-  # The same flags as the chart's Deployment, plus the impersonation, a short
-  # lease (a crashed operator's successor waits for it) and a fast backoff.
-  RUST_LOG="${RUST_LOG:-info,kube_client=warn}" setsid "$KUBEWAN_OPERATOR_BIN" \
-    --metrics-addr "$addr" \
-    --leader-elect --lease-namespace "$ns" --lease-name kubewan-leader \
-    --lease-duration-seconds "${KUBEWAN_E2E_LEASE_SECONDS:-10}" \
-    --runner-image kubewan-runner:e2e \
-    --backoff-base-seconds "${KUBEWAN_E2E_BACKOFF_SECONDS:-1}" --backoff-max-seconds 5 \
-    --resync-seconds 30 \
-    --as "system:serviceaccount:$ns:$sa" \
-    --as-group system:serviceaccounts --as-group "system:serviceaccounts:$ns" \
-    --as-group system:authenticated \
-    >>"$logfile" 2>&1 </dev/null &
-  local pid=$! start=""
-  for _ in $(seq 20); do start=$(starttime "$pid"); [[ -n $start ]] && break; sleep 0.1; done
-  echo "$pid $start" >"$pidfile"
-  for _ in $(seq 300); do
-    if curl -fsS "http://$addr/readyz" >/dev/null 2>&1; then
-      echo "operator started (pid $pid, as system:serviceaccount:$ns:$sa, metrics http://$addr, log $logfile)"
+ready_pods() {
+  kubectl -n "$ns" get pods -l "$selector" \
+    -o jsonpath='{range .items[?(@.status.containerStatuses[0].ready==true)]}{.metadata.name}{"\n"}{end}'
+}
+
+wait_ready() { # count
+  local deadline=$((SECONDS + 120)) n
+  while ((SECONDS < deadline)); do
+    n=$(ready_pods | grep -c . || true)
+    if [[ $1 -eq 0 ]]; then
+      [[ -z "$(kubectl -n "$ns" get pods -l "$selector" -o name)" ]] && return 0
+    elif ((n >= $1)); then
       return 0
     fi
-    if ! alive >/dev/null; then
-      echo "operator exited; last log lines:" >&2
-      tail -n 30 "$logfile" >&2
-      exit 1
-    fi
-    sleep 0.1
+    sleep 0.5
   done
-  echo "operator not ready after 30 s; last log lines:" >&2
-  tail -n 30 "$logfile" >&2
+  echo "operator: $1 Ready replicas expected after 120 s:" >&2
+  kubectl -n "$ns" get pods -l "$selector" -o wide >&2
   exit 1
 }
 
-stop() { # signal
-  local pid
-  if pid=$(alive); then
-    kill "-$1" "$pid" 2>/dev/null || true
-    for _ in $(seq 150); do alive >/dev/null || break; sleep 0.1; done
-    if alive >/dev/null; then kill -KILL "$pid" 2>/dev/null || true; sleep 0.5; fi
-    echo "operator stopped with SIG$1 (pid $pid)"
-  else
-    echo "operator not running"
-  fi
-  rm -f "$pidfile"
-}
-
 case "${1:-}" in
-  start) start ;;
-  stop) stop TERM ;;
-  kill) stop KILL ;;
-  restart) stop TERM; start ;;
   status)
-    if pid=$(alive); then
-      echo "operator running (pid $pid): $(tr '\0' ' ' <"/proc/$pid/cmdline")"
-    else
-      echo "operator not running"; exit 1
-    fi ;;
-  *) sed -n '2,22p' "$0"; exit 2 ;;
+    kubectl -n "$ns" get pods -l "$selector" -o wide
+    echo "leader: $(leader || true)"
+    [[ -n "$(ready_pods)" ]] ;;
+  leader) leader ;;
+  scale)
+    replicas="${2:?usage: operator.sh scale N}"
+    kubectl -n "$ns" scale deployment "$release" --replicas="$replicas" >/dev/null
+    wait_ready "$replicas"
+    echo "operator: $replicas replica(s) Ready" ;;
+  kill|crash)
+    : "${KUBEWAN_CONTAINERD_ADDRESS:?KUBEWAN_CONTAINERD_ADDRESS is not set (tests/k8s/cluster.sh env)}"
+    pod=$(leader) && [[ -n $pod ]] || { echo "operator: no leader to kill" >&2; exit 1; }
+    restarts=$(kubectl -n "$ns" get pod "$pod" -o jsonpath='{.status.containerStatuses[0].restartCount}')
+    id=$(kubectl -n "$ns" get pod "$pod" -o jsonpath='{.status.containerStatuses[0].containerID}')
+    ctr --address "$KUBEWAN_CONTAINERD_ADDRESS" --namespace k8s.io tasks kill --signal SIGKILL "${id#containerd://}"
+    if [[ $1 == crash ]]; then
+      kubectl -n "$ns" delete pod "$pod" --wait=false >/dev/null
+      deadline=$((SECONDS + 120))
+      # The Lease still names the dead pod until it expires: wait for a live
+      # replica to take it over.
+      until next=$(leader) && [[ -n $next && $next != "$pod" ]] && ready_pods | grep -qx "$next"; do
+        ((SECONDS < deadline)) || { echo "operator: no new leader after $pod's crash in 120 s" >&2; exit 1; }
+        sleep 0.5
+      done
+      echo "operator: killed the container of $pod (SIGKILL) and deleted the pod; $next leads"
+      exit 0
+    fi
+    deadline=$((SECONDS + 120))
+    until [[ "$(kubectl -n "$ns" get pod "$pod" -o jsonpath='{.status.containerStatuses[0].restartCount}')" -gt $restarts ]]; do
+      ((SECONDS < deadline)) || { echo "operator: $pod was not restarted after SIGKILL" >&2; exit 1; }
+      sleep 0.5
+    done
+    wait_ready 1
+    echo "operator: killed the container of $pod (SIGKILL); the kubelet restarted it" ;;
+  *) sed -n '2,20p' "$0"; exit 2 ;;
 esac

@@ -27,12 +27,20 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 app.kubernetes.io/component: operator
 {{- end }}
 
-{{- define "kubewan.labels" -}}
+{{/* Labels of every object of the release, without a component. */}}
+{{- define "kubewan.releaseLabels" -}}
 helm.sh/chart: {{ include "kubewan.chart" . }}
-{{ include "kubewan.selectorLabels" . }}
+app.kubernetes.io/name: {{ include "kubewan.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
 app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
 app.kubernetes.io/managed-by: {{ .Release.Service }}
 app.kubernetes.io/part-of: kubewan
+{{- end }}
+
+{{/* Labels of the operator's objects. */}}
+{{- define "kubewan.labels" -}}
+{{ include "kubewan.releaseLabels" . }}
+app.kubernetes.io/component: operator
 {{- end }}
 
 {{/* The operator's ServiceAccount. */}}

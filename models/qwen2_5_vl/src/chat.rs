@@ -1,53 +1,55 @@
-//! The model folder's chat template (`chat_template.json`, `chat_template.jinja`
-//! or `tokenizer_config.json`'s `chat_template`) rendered with minijinja the
-//! way transformers renders it (trim_blocks, lstrip_blocks), and `tokenizer.json`.
+//! The model folder's chat template (`chat_template.jinja`, `chat_template.json`
+//! or `tokenizer_config.json`'s `chat_template`, see
+//! [`crate::checkpoint::CHAT_TEMPLATE`]) rendered with minijinja the way
+//! transformers renders it (trim_blocks, lstrip_blocks).
 
 use std::path::{Path, PathBuf};
 
 use serde_json::{Value, json};
 
 use crate::Error;
+use crate::checkpoint::CHAT_TEMPLATE;
 
+/// The chat template of `dir` and the file it came from: the first of
+/// [`CHAT_TEMPLATE`]'s files that holds one (a `.jinja` file is the template
+/// itself; the JSON files hold it under `chat_template`, as a string or as a
+/// list of named templates of which "default" is taken).
 pub fn load_template(dir: &Path) -> Result<(PathBuf, String), Error> {
-    let jinja = dir.join("chat_template.jinja");
-    if jinja.is_file() {
-        let text = std::fs::read_to_string(&jinja).map_err(|source| Error::Io {
-            path: jinja.clone(),
-            source,
-        })?;
-        return Ok((jinja, text));
-    }
-    for (name, what) in [
-        ("chat_template.json", "a chat template"),
-        ("tokenizer_config.json", "a tokenizer config"),
-    ] {
+    for name in CHAT_TEMPLATE.names {
         let path = dir.join(name);
-        if path.is_file() {
-            let v: Value = kubewan_model_common::read_json(&path, what)?;
-            if let Some(t) = v.get("chat_template") {
-                if let Some(s) = t.as_str() {
-                    return Ok((path, s.to_owned()));
-                }
-                // a list of named templates: take "default"
-                if let Some(list) = t.as_array() {
-                    for item in list {
-                        if item.get("name").and_then(|n| n.as_str()) == Some("default")
-                            && let Some(s) = item.get("template").and_then(|s| s.as_str())
-                        {
-                            return Ok((path, s.to_owned()));
-                        }
-                    }
-                }
-            }
+        if !path.is_file() {
+            continue;
+        }
+        if path.extension().is_some_and(|e| e == "jinja") {
+            let text = std::fs::read_to_string(&path).map_err(|source| Error::Io {
+                path: path.clone(),
+                source,
+            })?;
+            return Ok((path, text));
+        }
+        let v: Value = kubewan_model_common::read_json(&path, "a JSON file with a chat template")?;
+        if let Some(template) = template_in(&v) {
+            return Ok((path, template));
         }
     }
-    Err(Error::MissingFiles {
-        dir: dir.to_owned(),
-        missing: vec![
-            "a chat template (chat_template.jinja, chat_template.json or tokenizer_config.json:chat_template)"
-                .into(),
-        ],
-    })
+    Err(Error::Template(format!(
+        "{}: no chat template in any of {}",
+        dir.display(),
+        CHAT_TEMPLATE.names.join(", ")
+    )))
+}
+
+/// `chat_template` of a JSON document: a string, or the "default" of a list of named templates.
+fn template_in(v: &Value) -> Option<String> {
+    let t = v.get("chat_template")?;
+    if let Some(s) = t.as_str() {
+        return Some(s.to_owned());
+    }
+    t.as_array()?
+        .iter()
+        .find(|item| item.get("name").and_then(Value::as_str) == Some("default"))
+        .and_then(|item| item.get("template")?.as_str())
+        .map(str::to_owned)
 }
 
 /// Renders one (optional) system message and one user message holding `n_images`

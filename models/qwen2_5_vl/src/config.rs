@@ -128,10 +128,10 @@ fn id_list(v: Option<&Value>) -> Vec<u32> {
 impl Config {
     /// Reads `dir/config.json` (and `dir/generation_config.json` for the stop tokens when present).
     pub fn from_dir(dir: &Path) -> Result<Self, Error> {
-        let path = dir.join("config.json");
+        let path = crate::checkpoint::CONFIG.path(dir);
         let value: Value = kubewan_model_common::read_json(&path, "a Qwen2.5-VL config")?;
         let mut cfg = Self::from_value(&path, &value)?;
-        let gen_path = dir.join("generation_config.json");
+        let gen_path = dir.join(crate::checkpoint::GENERATION_CONFIG);
         if gen_path.is_file() {
             let gen_cfg: Value = kubewan_model_common::read_json(&gen_path, "a generation config")?;
             let ids = id_list(gen_cfg.get("eos_token_id"));

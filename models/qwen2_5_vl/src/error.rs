@@ -10,8 +10,6 @@ pub enum Error {
     Candle(#[from] candle_core::Error),
     #[error("{path}: {msg}")]
     Config { path: PathBuf, msg: String },
-    #[error("{dir}: not a Qwen2.5-VL model folder, missing {}", missing.join(", "))]
-    MissingFiles { dir: PathBuf, missing: Vec<String> },
     #[error("{path}: tokenizer: {msg}")]
     Tokenizer { path: PathBuf, msg: String },
     #[error("chat template: {0}")]

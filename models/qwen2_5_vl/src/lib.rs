@@ -6,6 +6,7 @@
 #![recursion_limit = "256"]
 
 pub mod chat;
+pub mod checkpoint;
 pub mod config;
 mod error;
 pub mod nn;
@@ -24,31 +25,6 @@ pub use config::{Config, TextConfig, VisionConfig};
 pub use error::Error;
 pub use processor::PreprocessorConfig;
 pub use tiny::{CheckpointSpec, write_checkpoint, write_tiny_checkpoint};
-
-/// What a model folder must hold; each entry is satisfied by any one of its names.
-pub fn required_files() -> &'static [&'static [&'static str]] {
-    &[
-        &["config.json"],
-        &["model.safetensors.index.json", "model.safetensors"],
-        &["tokenizer.json"],
-        &["preprocessor_config.json"],
-        &[
-            "chat_template.json",
-            "chat_template.jinja",
-            "tokenizer_config.json",
-        ],
-    ]
-}
-
-/// The entries of [`required_files`] that `dir` lacks (empty when complete), each as
-/// "a or b" for readability.
-pub fn missing_files(dir: &Path) -> Vec<String> {
-    required_files()
-        .iter()
-        .filter(|alts| !alts.iter().any(|f| dir.join(f).is_file()))
-        .map(|alts| alts.join(" or "))
-        .collect()
-}
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Sampling {
@@ -110,25 +86,20 @@ impl std::fmt::Debug for Qwen25Vl {
 
 impl Qwen25Vl {
     pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Self, Error> {
-        let missing = missing_files(dir);
-        if !missing.is_empty() {
-            return Err(Error::MissingFiles {
-                dir: dir.to_owned(),
-                missing,
-            });
-        }
+        checkpoint::require(dir)?;
         let config = Config::from_dir(dir)?;
-        let preprocessor = PreprocessorConfig::from_file(&dir.join("preprocessor_config.json"))?;
+        let preprocessor_path = checkpoint::PREPROCESSOR.path(dir);
+        let preprocessor = PreprocessorConfig::from_file(&preprocessor_path)?;
         if preprocessor.patch_size != config.vision.patch_size
             || preprocessor.merge_size != config.vision.spatial_merge_size
             || preprocessor.temporal_patch_size != config.vision.temporal_patch_size
         {
             return Err(Error::config(
-                &dir.join("preprocessor_config.json"),
+                &preprocessor_path,
                 "patch/merge/temporal sizes differ from config.json's vision_config",
             ));
         }
-        let tok_path = dir.join("tokenizer.json");
+        let tok_path = checkpoint::TOKENIZER.path(dir);
         let tokenizer =
             tokenizers::Tokenizer::from_file(&tok_path).map_err(|e| Error::Tokenizer {
                 path: tok_path.clone(),
@@ -142,7 +113,7 @@ impl Qwen25Vl {
             config.eos_token_ids.push(id);
         }
 
-        let vb = kubewan_model_common::var_builder(dir, "model", dtype, device)?;
+        let vb = checkpoint::WEIGHTS.var_builder(dir, dtype, device)?;
         let (text_prefix, vision_prefix) =
             if vb.contains_tensor("model.language_model.embed_tokens.weight") {
                 ("model.language_model", "model.visual")
@@ -227,7 +198,7 @@ impl Qwen25Vl {
             .tokenizer
             .encode(expanded.as_str(), false)
             .map_err(|e| Error::Tokenizer {
-                path: self.dir.join("tokenizer.json"),
+                path: checkpoint::TOKENIZER.path(&self.dir),
                 msg: e.to_string(),
             })?;
         Ok(PreparedPrompt {
@@ -400,7 +371,7 @@ impl Qwen25Vl {
             .tokenizer
             .decode(&out, true)
             .map_err(|e| Error::Tokenizer {
-                path: self.dir.join("tokenizer.json"),
+                path: checkpoint::TOKENIZER.path(&self.dir),
                 msg: e.to_string(),
             })?;
         Ok(GenerateOutput {

@@ -3,10 +3,11 @@
 //! ids split by `mrope_section`, SwiGLU MLP, RMSNorm and a KV cache.
 
 use candle_core::{DType, Device, Module, Result, Tensor};
-use candle_nn::{Embedding, Linear, VarBuilder, linear, linear_no_bias};
+use candle_nn::{Embedding, VarBuilder};
+use kubewan_model_common::nn::{Linear, Mask, RmsNorm, attention, linear, linear_no_bias};
 
 use crate::config::TextConfig;
-use crate::nn::{RmsNorm, apply_rotary, attention, inv_freq};
+use crate::nn::{apply_rotary, inv_freq};
 
 #[derive(Debug, Clone)]
 struct Mlp {
@@ -42,16 +43,6 @@ struct Attention {
     cache: Option<(Tensor, Tensor)>,
 }
 
-fn repeat_kv(x: Tensor, n: usize) -> Result<Tensor> {
-    if n == 1 {
-        return Ok(x);
-    }
-    let (b, kv, l, d) = x.dims4()?;
-    x.unsqueeze(2)?
-        .broadcast_as((b, kv, n, l, d))?
-        .reshape((b, kv * n, l, d))
-}
-
 impl Attention {
     fn new(cfg: &TextConfig, vb: VarBuilder) -> Result<Self> {
         let hd = cfg.head_dim();
@@ -72,13 +63,7 @@ impl Attention {
         })
     }
 
-    fn forward(
-        &mut self,
-        x: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
-        mask: Option<&Tensor>,
-    ) -> Result<Tensor> {
+    fn forward(&mut self, x: &Tensor, cos: &Tensor, sin: &Tensor, mask: Mask) -> Result<Tensor> {
         let (b, l, _) = x.dims3()?;
         let shape = |t: Tensor, n: usize| -> Result<Tensor> {
             t.reshape((b, l, n, self.head_dim))?
@@ -95,11 +80,9 @@ impl Attention {
             None => (k, v),
         };
         self.cache = Some((k.clone(), v.clone()));
-        let rep = self.heads / self.kv_heads;
-        let k = repeat_kv(k, rep)?.contiguous()?;
-        let v = repeat_kv(v, rep)?.contiguous()?;
+        // Grouped-query attention: the shared attention repeats the k/v heads itself.
         let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let o = attention(&q, &k, &v, scale, mask)?;
+        let o = attention(&q, &k, &v, mask, scale)?;
         let o = o
             .transpose(1, 2)?
             .reshape((b, l, self.heads * self.head_dim))?;
@@ -132,13 +115,7 @@ impl Layer {
             mlp: Mlp::new(cfg, vb.pp("mlp"))?,
         })
     }
-    fn forward(
-        &mut self,
-        x: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
-        mask: Option<&Tensor>,
-    ) -> Result<Tensor> {
+    fn forward(&mut self, x: &Tensor, cos: &Tensor, sin: &Tensor, mask: Mask) -> Result<Tensor> {
         let h = self
             .self_attn
             .forward(&self.input_layernorm.forward(x)?, cos, sin, mask)?;
@@ -227,27 +204,13 @@ impl TextModel {
     /// f32 logits of the last position.
     pub fn forward(&mut self, embeds: &Tensor, pos: &[Vec<i64>; 3]) -> Result<Tensor> {
         let l = embeds.dim(0)?;
-        let past = self.layers[0]
-            .self_attn
-            .cache
-            .as_ref()
-            .map(|(k, _)| k.dim(2))
-            .transpose()?
-            .unwrap_or(0);
         let (cos, sin) = self.rope(pos)?;
-        let mask = if l > 1 {
-            let m: Vec<f32> = (0..l)
-                .flat_map(|i| {
-                    (0..past + l).map(move |j| if j > past + i { f32::NEG_INFINITY } else { 0.0 })
-                })
-                .collect();
-            Some(Tensor::from_vec(m, (l, past + l), &self.device)?.to_dtype(self.dtype)?)
-        } else {
-            None
-        };
+        // A prefill of several tokens is causal (over what the cache holds);
+        // one decoded token sees everything.
+        let mask = if l > 1 { Mask::Causal } else { Mask::None };
         let mut x = embeds.unsqueeze(0)?;
         for layer in &mut self.layers {
-            x = layer.forward(&x, &cos, &sin, mask.as_ref())?;
+            x = layer.forward(&x, &cos, &sin, mask)?;
         }
         let x = self.norm.forward(&x.narrow(1, l - 1, 1)?)?;
         self.lm_head

@@ -4,8 +4,9 @@
 //! `preprocessor_config.json`, `chat_template.json`, `generation_config.json`).
 //!
 //! [`write_tiny_checkpoint`] writes the few-hundred-KB model `kubewan-runner
-//! tiny-ckpts` installs; [`CheckpointSpec::qwen25_vl_3b`] gives the real 3B
-//! dimensions for the memory-release check. The tokenizer and chat template are
+//! tiny-ckpts` installs; [`CheckpointSpec::qwen25_vl_3b`] and
+//! [`CheckpointSpec::qwen25_vl_7b`] give the real 3B and 7B dimensions for the
+//! memory-release check and the GPU benchmark. The tokenizer and chat template are
 //! the committed tiny ones (a byte-level BPE with the real Qwen special tokens).
 
 use std::collections::BTreeMap;
@@ -116,6 +117,26 @@ impl CheckpointSpec {
             min_pixels: 56 * 56,
             max_pixels: 28 * 28 * 1280,
         }
+    }
+
+    /// The real Qwen2.5-VL-7B-Instruct dimensions (vocab 152064, untied head,
+    /// GQA 28/4, vision merger to 3584), bf16: about 16.6 GB, the size of the
+    /// released checkpoint (the GPU benchmark's load row).
+    pub fn qwen25_vl_7b(seed: u64) -> Self {
+        let mut spec = Self::qwen25_vl_3b(seed);
+        spec.text = TextConfig {
+            vocab_size: 152_064,
+            hidden_size: 3584,
+            intermediate_size: 18_944,
+            num_hidden_layers: 28,
+            num_attention_heads: 28,
+            num_key_value_heads: 4,
+            ..spec.text
+        };
+        spec.vision.out_hidden_size = 3584;
+        spec.tie_word_embeddings = false;
+        spec.shard_bytes = 4 << 30;
+        spec
     }
 
     /// Every tensor of the checkpoint with its released key name and shape.
@@ -367,28 +388,84 @@ pub fn write_checkpoint(dir: &Path, spec: &CheckpointSpec) -> Result<(), Error> 
         shards.last_mut().unwrap().push(i);
         in_shard += bytes;
     }
-    let count = shards.len();
-    let mut rng = rand::rngs::StdRng::seed_from_u64(spec.seed);
+    let written = write_shards(dir, spec, &tensors, &shards)?;
     let mut weight_map = serde_json::Map::new();
     let mut total = 0u64;
-    for (s, members) in shards.iter().enumerate() {
-        let file = format!("model-{:05}-of-{count:05}.safetensors", s + 1);
-        let mut map = std::collections::HashMap::new();
-        for &i in members {
-            let (name, shape) = &tensors[i];
-            let t = random_tensor(name, shape, spec.dtype, &mut rng)?;
-            total += t.elem_count() as u64 * elem;
-            weight_map.insert(name.clone(), Value::String(file.clone()));
-            map.insert(name.clone(), t);
-        }
-        let path = dir.join(&file);
-        candle_core::safetensors::save(&map, &path)
-            .map_err(|e| Error::Invalid(format!("{}: {e}", path.display())))?;
+    for (name, file, bytes) in written {
+        weight_map.insert(name, Value::String(file));
+        total += bytes;
     }
     write_json(
         &dir.join("model.safetensors.index.json"),
         &json!({"metadata": {"total_size": total}, "weight_map": weight_map}),
     )
+}
+
+/// Writes every shard (the tensors at each member list) in parallel: they are
+/// independent, each with its own seeded generator, so a 16.6 GB 7B checkpoint
+/// takes a fraction of the sequential time. Returns the index entries.
+fn write_shards(
+    dir: &Path,
+    spec: &CheckpointSpec,
+    tensors: &[(String, Vec<usize>)],
+    shards: &[Vec<usize>],
+) -> Result<Vec<(String, String, u64)>, Error> {
+    let count = shards.len();
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let workers = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .clamp(1, 8)
+        .min(count);
+    let work = || -> Result<Vec<(String, String, u64)>, Error> {
+        let mut done = Vec::new();
+        loop {
+            let s = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if s >= count {
+                return Ok(done);
+            }
+            done.extend(write_shard(dir, spec, tensors, &shards[s], s, count)?);
+        }
+    };
+    let results: Vec<_> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..workers).map(|_| scope.spawn(work)).collect();
+        handles.into_iter().map(|h| h.join()).collect()
+    });
+    let mut entries = Vec::new();
+    for result in results {
+        entries.extend(result.map_err(|_| Error::Invalid("a shard writer panicked".into()))??);
+    }
+    Ok(entries)
+}
+
+/// Writes shard `s` of `count` (the tensors at `members`) with its own seeded
+/// generator; returns (tensor name, file name, bytes) for the index.
+fn write_shard(
+    dir: &Path,
+    spec: &CheckpointSpec,
+    tensors: &[(String, Vec<usize>)],
+    members: &[usize],
+    s: usize,
+    count: usize,
+) -> Result<Vec<(String, String, u64)>, Error> {
+    let file = format!("model-{:05}-of-{count:05}.safetensors", s + 1);
+    let seed = spec.seed ^ (s as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut map = std::collections::HashMap::new();
+    let mut entries = Vec::with_capacity(members.len());
+    for &i in members {
+        let (name, shape) = &tensors[i];
+        let t = random_tensor(name, shape, spec.dtype, &mut rng)?;
+        entries.push((
+            name.clone(),
+            file.clone(),
+            (t.elem_count() * spec.dtype.size_in_bytes()) as u64,
+        ));
+        map.insert(name.clone(), t);
+    }
+    let path = dir.join(&file);
+    candle_core::safetensors::save(&map, &path)
+        .map_err(|e| Error::Invalid(format!("{}: {e}", path.display())))?;
+    Ok(entries)
 }
 
 /// Writes the tiny random-weight Qwen2.5-VL folder `kubewan-runner tiny-ckpts` installs.
@@ -402,11 +479,23 @@ mod tests {
     use crate::{GenerateRequest, Qwen25Vl, Sampling};
 
     #[test]
+    fn the_7b_spec_has_the_released_parameter_count() {
+        let spec = CheckpointSpec::qwen25_vl_7b(0);
+        let params: usize = spec
+            .tensors()
+            .iter()
+            .map(|(_, shape)| shape.iter().product::<usize>())
+            .sum();
+        // Qwen2.5-VL-7B-Instruct: 8 292 166 656 parameters (16.6 GB in bf16).
+        assert_eq!(params, 8_292_166_656);
+    }
+
+    #[test]
     fn tiny_checkpoint_loads_and_generates() {
         let dir = std::env::temp_dir().join(format!("kubewan-qwen-tiny-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         write_tiny_checkpoint(&dir, 5).unwrap();
-        assert!(crate::missing_files(&dir).is_empty());
+        crate::checkpoint::require(&dir).unwrap();
         assert!(
             dir.join("model-00002-of-00003.safetensors").is_file()
                 || dir.join("model-00002-of-00002.safetensors").is_file()

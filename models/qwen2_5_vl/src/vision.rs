@@ -4,10 +4,11 @@
 //! per-image `cu_seqlens`, RMSNorm, SwiGLU MLP and the 2×2 patch merger.
 
 use candle_core::{DType, Device, Module, Result, Tensor};
-use candle_nn::{Linear, VarBuilder, linear};
+use candle_nn::VarBuilder;
+use kubewan_model_common::nn::{Linear, Mask, RmsNorm, attention, linear};
 
 use crate::config::VisionConfig;
-use crate::nn::{RmsNorm, apply_rotary, attention, inv_freq};
+use crate::nn::{apply_rotary, inv_freq};
 
 #[derive(Debug, Clone)]
 struct Mlp {
@@ -72,7 +73,7 @@ impl Attention {
                 continue;
             }
             let take = |t: &Tensor| t.narrow(0, s, len)?.transpose(0, 1)?.contiguous();
-            let o = attention(&take(&q)?, &take(&k)?, &take(&v)?, scale, None)?;
+            let o = attention(&take(&q)?, &take(&k)?, &take(&v)?, Mask::None, scale)?;
             outs.push(
                 o.transpose(0, 1)?
                     .reshape((len, self.heads * self.head_dim))?,

@@ -1,70 +1,32 @@
-//! One denoising step of a random-weight Wan DiT with the real Wan2.1-1.3B dimensions (dim 1536,
+//! Denoising steps of a random-weight Wan DiT with the real Wan2.1-1.3B dimensions (dim 1536,
 //! ffn 8960, 12 heads, 30 layers) plus the I2V image branch (image_dim 1280, add_k/add_v
-//! projections), at 416x240 with 5 frames, on the CPU: the conditional and the unconditional
-//! forward (classifier-free guidance) and one UniPC step. Prints the weights' size, the peak RSS
-//! (VmHWM) and the timings.
+//! projections), at 416x240 with 5 frames, on the CPU: a classifier-free-guidance step (the
+//! conditional and the unconditional forward, one UniPC step) and a guidance-1 step (one forward,
+//! one Euler step), `--repeat` times alternating. Prints the weights' size, the peak RSS (VmHWM)
+//! of the load and of the whole run, and the timings.
 //!
-//!     cargo run --release -p kubewan-wan --example dit_1_3b_step [-- --dtype f32|bf16 --width 416 --height 240 --frames 5]
+//!     cargo run --release -p kubewan-wan --example dit_1_3b_step [-- --dtype f32|bf16 --width 416 --height 240 --frames 5 --repeat 1]
 //!     ... --example dit_1_3b_step -- --write DIR     (random weights as a diffusers transformer/ folder)
-//!     ... --example dit_1_3b_step -- --load DIR [--mmap]   (load DIR with WanTransformer::load, or
-//!                                                          candle's mmap VarBuilder for comparison)
+//!     ... --example dit_1_3b_step -- --write-lora FILE [--rank 64]   (a random LoRA for it in the
+//!                                      original Wan layout, bf16, like LightX2V's distill LoRAs)
+//!     ... --example dit_1_3b_step -- --load DIR [--mmap | --lora FILE[:SCALE]]   (load DIR with
+//!             WanTransformer::load, candle's mmap VarBuilder for comparison, or with the LoRA merged)
 //!
 //! By default the weights are generated in memory (normal, std 1/sqrt(fan_in)). Exits 1 when the
 //! peak RSS exceeds twice the weights.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::VarBuilder;
 use candle_nn::var_builder::SimpleBackend;
+use kubewan_model_common::random::RandomWeights;
+use kubewan_wan::checkpoint;
+use kubewan_wan::euler::FlowEuler;
+use kubewan_wan::lora::Lora;
 use kubewan_wan::scheduler::{FlowUniPc, UniPcConfig};
 use kubewan_wan::transformer::{WanTransformer, WanTransformerConfig};
-
-struct RandomWeights {
-    bytes: Arc<AtomicU64>,
-    count: Arc<AtomicU64>,
-}
-
-impl SimpleBackend for RandomWeights {
-    fn get(
-        &self,
-        s: Shape,
-        name: &str,
-        _h: candle_nn::Init,
-        dtype: DType,
-        dev: &Device,
-    ) -> candle_core::Result<Tensor> {
-        let dims = s.dims();
-        let fan_in: usize = if dims.len() >= 2 {
-            dims[1..].iter().product()
-        } else {
-            1
-        };
-        let t = if name.ends_with("gamma") || name.contains("norm") && dims.len() == 1 {
-            Tensor::ones(s.clone(), DType::F32, dev)?
-        } else if dims.len() == 1 {
-            (Tensor::randn(0f32, 1f32, s.clone(), dev)? * 0.02)?
-        } else {
-            Tensor::randn(0f32, (fan_in as f32).powf(-0.5), s.clone(), dev)?
-        };
-        let t = t.to_dtype(dtype)?;
-        self.bytes.fetch_add(
-            (t.elem_count() * dtype.size_in_bytes()) as u64,
-            Ordering::Relaxed,
-        );
-        self.count
-            .fetch_add(t.elem_count() as u64, Ordering::Relaxed);
-        Ok(t)
-    }
-    fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> candle_core::Result<Tensor> {
-        candle_core::bail!("{name}: shape needed")
-    }
-    fn contains_tensor(&self, _: &str) -> bool {
-        true
-    }
-}
 
 fn status_kib(key: &str) -> u64 {
     let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
@@ -73,6 +35,23 @@ fn status_kib(key: &str) -> u64 {
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|v| v.parse().ok())
         .unwrap_or(0)
+}
+
+/// CPU seconds this process has used (user + system, from /proc/self/stat): unlike wall time,
+/// not stretched when other jobs share the cores.
+fn cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // The fields after the command name (which ends with ')'): utime and stime are 12th and 13th.
+    let after = stat.rsplit_once(')').map(|(_, rest)| rest).unwrap_or("");
+    let field = |i: usize| {
+        after
+            .split_whitespace()
+            .nth(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // Clock ticks of 1/100 s (USER_HZ on Linux).
+    (field(11) + field(12)) / 100.0
 }
 
 fn gib(b: u64) -> f64 {
@@ -99,52 +78,67 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let rss0 = status_kib("VmRSS:") * 1024;
 
     let cfg = WanTransformerConfig::wan_1_3b_i2v();
-    if let Some(dir) = args
-        .iter()
-        .position(|a| a == "--write")
-        .and_then(|i| args.get(i + 1))
-    {
+    let value = |k: &str| {
+        args.iter()
+            .position(|a| a == k)
+            .and_then(|i| args.get(i + 1))
+    };
+    if let Some(dir) = value("--write") {
         return write_weights(std::path::Path::new(dir), &cfg, dtype);
     }
+    if let Some(file) = value("--write-lora") {
+        return write_lora(
+            std::path::Path::new(file),
+            &cfg,
+            arg("--rank", "64").parse()?,
+        );
+    }
+    let repeat: usize = arg("--repeat", "1").parse()?;
+    let lora = value("--lora")
+        .map(String::as_str)
+        .map(Lora::parse)
+        .transpose()?;
     let from = args
         .iter()
         .position(|a| a == "--load")
         .and_then(|i| args.get(i + 1))
         .map(std::path::PathBuf::from);
     let t0 = Instant::now();
-    let bytes = Arc::new(AtomicU64::new(0));
-    let count = Arc::new(AtomicU64::new(0));
-    let backend = RandomWeights {
-        bytes: bytes.clone(),
-        count: count.clone(),
-    };
+    let cpu0 = cpu_seconds();
+    let random = RandomWeights::default();
     let model = match &from {
-        None => {
-            let backend: Box<dyn SimpleBackend> = Box::new(backend);
-            let vb = VarBuilder::from_backend(backend, dtype, dev.clone());
-            WanTransformer::new(vb, cfg.clone())?
-        }
+        None => WanTransformer::new(random.var_builder(dtype, &dev), cfg.clone())?,
         // The real loader (config.json + safetensors read from disk).
         Some(dir) if args.iter().any(|a| a == "--mmap") => {
             // For comparison: candle's memory-mapped VarBuilder (kubewan-model-common).
-            let cfg: WanTransformerConfig =
-                serde_json::from_str(&std::fs::read_to_string(dir.join("config.json"))?)?;
+            let cfg: WanTransformerConfig = serde_json::from_str(&std::fs::read_to_string(
+                checkpoint::TRANSFORMER_CONFIG.path(dir),
+            )?)?;
             let vb = kubewan_model_common::mmap_var_builder(
                 dir,
-                "diffusion_pytorch_model",
+                checkpoint::TRANSFORMER_WEIGHTS.stem,
                 dtype,
                 &dev,
             )?;
             WanTransformer::new(vb, cfg)?
         }
-        Some(dir) => WanTransformer::load(dir, dtype, &dev)?,
+        Some(dir) => match &lora {
+            Some(lora) => {
+                let (model, notes) =
+                    WanTransformer::load_with_loras(dir, dtype, &dev, std::slice::from_ref(lora))?;
+                notes.iter().for_each(|n| eprintln!("{n}"));
+                model
+            }
+            None => WanTransformer::load(dir, dtype, &dev)?,
+        },
     };
     let load_s = t0.elapsed().as_secs_f64();
+    let load_cpu_s = cpu_seconds() - cpu0;
+    let load_hwm = status_kib("VmHWM:") * 1024;
     let params = count_params(&cfg);
     let weight_bytes = params * dtype.size_in_bytes() as u64;
     if from.is_none() {
-        assert_eq!(params, count.load(Ordering::Relaxed), "parameter count");
-        assert_eq!(weight_bytes, bytes.load(Ordering::Relaxed));
+        assert_eq!(params, random.params(), "parameter count");
     }
     let rss_loaded = status_kib("VmRSS:") * 1024;
 
@@ -164,35 +158,73 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     sched.set_timesteps(40)?;
     let t = sched.timesteps()[0];
 
-    let t1 = Instant::now();
     let text_c = model.embed_text(&text)?;
     let text_u = model.embed_text(&negative)?;
     let img = model.embed_image(&image)?;
     let input = Tensor::cat(&[&latents, &condition], 1)?.to_dtype(dtype)?;
-    let tc = Instant::now();
-    let cond = model.forward_embedded(&input, &[t as f32], &text_c, img.as_ref())?;
-    let cond_s = tc.elapsed().as_secs_f64();
-    let uncond = model.forward_embedded(&input, &[t as f32], &text_u, img.as_ref())?;
-    let noise = (&uncond + ((cond - &uncond)? * 5.0)?)?;
-    let next = sched.step(&noise, t, &latents)?;
-    let step_s = t1.elapsed().as_secs_f64();
-    let finite = next
-        .to_dtype(DType::F32)?
-        .flatten_all()?
-        .to_vec1::<f32>()?
-        .iter()
-        .all(|v| v.is_finite());
+    // A classifier-free-guidance step (two forwards, UniPC) and a guidance-1 step (one forward,
+    // Euler), alternating; the Euler step after a UniPC one starts its own 4-step schedule.
+    // Wall and CPU seconds of each: on shared cores the CPU seconds are the steadier measure.
+    let mut cfg_s = Vec::new();
+    let mut g1_s = Vec::new();
+    let mut outputs = Vec::new();
+    let timed = |f: &mut dyn FnMut() -> candle_core::Result<Tensor>| {
+        let (t, c) = (Instant::now(), cpu_seconds());
+        f().map(|out| (out, (t.elapsed().as_secs_f64(), cpu_seconds() - c)))
+    };
+    for _ in 0..repeat {
+        let (out, cfg) = timed(&mut || {
+            let cond = model.forward_embedded(&input, &[t as f32], &text_c, img.as_ref())?;
+            let uncond = model.forward_embedded(&input, &[t as f32], &text_u, img.as_ref())?;
+            let noise = (&uncond + ((cond - &uncond)? * 5.0)?)?;
+            sched
+                .clone()
+                .step(&noise, t, &latents)
+                .map_err(candle_core::Error::wrap)
+        })?;
+        outputs.push(out);
+        cfg_s.push(cfg);
+        let (out, g1) = timed(&mut || {
+            let mut euler = FlowEuler::new(1000, 5.0).map_err(candle_core::Error::wrap)?;
+            euler.set_timesteps(4).map_err(candle_core::Error::wrap)?;
+            let te = euler.timesteps()[0];
+            let noise = model.forward_embedded(&input, &[te], &text_c, img.as_ref())?;
+            euler
+                .step(&noise, te, &latents)
+                .map_err(candle_core::Error::wrap)
+        })?;
+        outputs.push(out);
+        g1_s.push(g1);
+    }
+    let total = |v: &[(f64, f64)]| {
+        v.iter()
+            .fold((0.0, 0.0), |(w, c), (dw, dc)| (w + dw, c + dc))
+    };
+    let (cfg_wall, cfg_cpu) = total(&cfg_s);
+    let (g1_wall, g1_cpu) = total(&g1_s);
+    let n = repeat as f64;
+    let mut finite = true;
+    for out in &outputs {
+        let values = out.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        finite &= values.iter().all(|v| v.is_finite());
+    }
 
     let hwm = status_kib("VmHWM:") * 1024;
     let rss_end = status_kib("VmRSS:") * 1024;
     let tokens = lat_t * (lh / 2) * (lw / 2);
     println!(
         "Wan2.1-1.3B-shaped DiT (+ I2V image branch), random weights {}, CPU, {dtype:?}",
-        match &from {
-            Some(d) if args.iter().any(|a| a == "--mmap") =>
+        match (&from, &lora) {
+            (Some(d), _) if args.iter().any(|a| a == "--mmap") =>
                 format!("loaded from {} (memory-mapped VarBuilder)", d.display()),
-            Some(d) => format!("loaded from {} (WanTransformer::load)", d.display()),
-            None => "generated in memory".to_string(),
+            (Some(d), Some(l)) => format!(
+                "loaded from {} with the LoRA {} merged at {} (WanTransformer::load_with_loras)",
+                d.display(),
+                l.path.display(),
+                l.scale
+            ),
+            (Some(d), None) => format!("loaded from {} (WanTransformer::load)", d.display()),
+            (None, _) => "generated in memory".to_string(),
         }
     );
     println!(
@@ -205,11 +237,28 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     );
     println!("  RSS before load      {:.3} GiB", gib(rss0));
     println!(
-        "  RSS after load       {:.3} GiB ({load_s:.1} s to build)",
+        "  RSS after load       {:.3} GiB ({load_s:.1} s wall, {load_cpu_s:.1} s CPU to build)",
         gib(rss_loaded)
     );
     println!(
-        "  one denoising step   {step_s:.1} s (cond forward {cond_s:.1} s, CFG: 2 forwards + UniPC step)"
+        "  peak RSS of the load {:.3} GiB = {:.3}x the weights",
+        gib(load_hwm),
+        load_hwm as f64 / weight_bytes as f64
+    );
+    println!(
+        "  CFG step             {:.1} s wall, {:.1} s CPU (2 forwards + UniPC step; mean of {repeat}, each (wall, CPU): {cfg_s:.1?})",
+        cfg_wall / n,
+        cfg_cpu / n
+    );
+    println!(
+        "  guidance-1 step      {:.1} s wall, {:.1} s CPU (1 forward + Euler step; mean of {repeat}, each: {g1_s:.1?})",
+        g1_wall / n,
+        g1_cpu / n
+    );
+    println!(
+        "  guidance-1 / CFG     {:.2}x in wall time, {:.2}x in CPU time",
+        g1_wall / cfg_wall,
+        g1_cpu / cfg_cpu
     );
     println!("  RSS after the step   {:.3} GiB", gib(rss_end));
     println!(
@@ -254,6 +303,54 @@ fn count_params(c: &WanTransformerConfig) -> u64 {
     n
 }
 
+/// Writes a random LoRA for a transformer of `cfg` in the original Wan layout
+/// (`diffusion_model.blocks.N.{self_attn,cross_attn}.{q,k,v,o}`, `cross_attn.{k_img,v_img}`,
+/// `ffn.{0,2}`: `lora_down`, `lora_up`, `alpha` = rank), bf16, like LightX2V's distill LoRAs.
+fn write_lora(
+    path: &std::path::Path,
+    cfg: &WanTransformerConfig,
+    rank: usize,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let dev = Device::Cpu;
+    let d = cfg.inner_dim();
+    let mut tensors = std::collections::HashMap::new();
+    let mut layer = |name: String, out: usize, inn: usize| -> candle_core::Result<()> {
+        let down = (Tensor::randn(0f32, 1f32, (rank, inn), &dev)? * (inn as f64).powf(-0.5))?;
+        let up = (Tensor::randn(0f32, 1f32, (out, rank), &dev)? * 0.01)?;
+        tensors.insert(
+            format!("{name}.lora_down.weight"),
+            down.to_dtype(DType::BF16)?,
+        );
+        tensors.insert(format!("{name}.lora_up.weight"), up.to_dtype(DType::BF16)?);
+        tensors.insert(
+            format!("{name}.alpha"),
+            Tensor::new(rank as f32, &dev)?.to_dtype(DType::BF16)?,
+        );
+        Ok(())
+    };
+    for b in 0..cfg.num_layers {
+        let block = format!("diffusion_model.blocks.{b}");
+        for attn in ["self_attn", "cross_attn"] {
+            for p in ["q", "k", "v", "o"] {
+                layer(format!("{block}.{attn}.{p}"), d, d)?;
+            }
+        }
+        if let Some(a) = cfg.added_kv_proj_dim {
+            layer(format!("{block}.cross_attn.k_img"), d, a)?;
+            layer(format!("{block}.cross_attn.v_img"), d, a)?;
+        }
+        layer(format!("{block}.ffn.0"), cfg.ffn_dim, d)?;
+        layer(format!("{block}.ffn.2"), d, cfg.ffn_dim)?;
+    }
+    candle_core::safetensors::save(&tensors, path)?;
+    println!(
+        "wrote {} LoRA tensors (rank {rank}) to {}",
+        tensors.len(),
+        path.display()
+    );
+    Ok(())
+}
+
 /// Writes random weights with the given config as a diffusers `transformer/` folder
 /// (`config.json` + `diffusion_pytorch_model.safetensors`).
 fn write_weights(
@@ -288,21 +385,19 @@ fn write_weights(
     }
     std::fs::create_dir_all(dir)?;
     let map = Arc::new(Mutex::new(std::collections::HashMap::new()));
-    let rec = Recorder(
-        map.clone(),
-        RandomWeights {
-            bytes: Arc::new(AtomicU64::new(0)),
-            count: Arc::new(AtomicU64::new(0)),
-        },
-    );
+    let rec = Recorder(map.clone(), RandomWeights::default());
     let backend: Box<dyn SimpleBackend> = Box::new(rec);
     let vb = VarBuilder::from_backend(backend, dtype, Device::Cpu);
     // Building the model requests (and so records) every weight it has, under its real name.
     drop(WanTransformer::new(vb, cfg.clone())?);
     let map = std::mem::take(&mut *map.lock().unwrap());
     // The model keeps reshaped views of a few weights (the patch embedding); store the originals.
-    candle_core::safetensors::save(&map, dir.join("diffusion_pytorch_model.safetensors"))?;
-    std::fs::write(dir.join("config.json"), serde_json::to_string_pretty(cfg)?)?;
+    let weights = format!("{}.safetensors", checkpoint::TRANSFORMER_WEIGHTS.stem);
+    candle_core::safetensors::save(&map, dir.join(weights))?;
+    std::fs::write(
+        checkpoint::TRANSFORMER_CONFIG.path(dir),
+        serde_json::to_string_pretty(cfg)?,
+    )?;
     println!("wrote {} tensors to {}", map.len(), dir.display());
     Ok(())
 }

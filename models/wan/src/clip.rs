@@ -13,14 +13,15 @@
 
 use std::path::Path;
 
-use candle_core::{D, DType, Device, Module, Tensor};
-use candle_nn::{LayerNorm, Linear, VarBuilder};
+use candle_core::{DType, Device, Module, Tensor};
+use candle_nn::{LayerNorm, VarBuilder};
 use image::RgbImage;
+use kubewan_model_common::nn::{Linear, Mask, attention, linear};
 use serde::Deserialize;
 
 pub use kubewan_model_common::pil::{PilFilter, pil_resize};
 
-use crate::{Error, Result};
+use crate::{Error, Result, checkpoint};
 
 /// The fields of `image_encoder/config.json` this encoder reads.
 #[derive(Debug, Clone, Deserialize)]
@@ -75,13 +76,6 @@ struct Layer {
     fc2: Linear,
 }
 
-fn linear(vb: VarBuilder, in_dim: usize, out_dim: usize) -> Result<Linear> {
-    Ok(Linear::new(
-        vb.get((out_dim, in_dim), "weight")?,
-        Some(vb.get(out_dim, "bias")?),
-    ))
-}
-
 fn layer_norm(vb: VarBuilder, dim: usize, eps: f64) -> Result<LayerNorm> {
     Ok(LayerNorm::new(
         vb.get(dim, "weight")?,
@@ -105,22 +99,26 @@ pub struct ClipVision {
     dtype: DType,
 }
 
-impl ClipVision {
-    /// Loads `dir/config.json` and `dir/model.safetensors` (or shards). Only the layers the
-    /// penultimate hidden states need are read.
-    pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
-        let path = dir.join("config.json");
-        let raw: serde_json::Value =
-            kubewan_model_common::read_json(&path, "a CLIP vision config")?;
-        // A full CLIPConfig nests the vision tower's settings under `vision_config`.
+impl ClipVisionConfig {
+    /// Reads the image encoder's `config.json` (a vision config, or a full
+    /// CLIPConfig that nests it under `vision_config`).
+    pub fn load(path: &Path) -> Result<Self> {
+        let raw: serde_json::Value = kubewan_model_common::read_json(path, "a CLIP vision config")?;
         let raw = match raw.get("vision_config") {
             Some(v) if v.is_object() => v.clone(),
             _ => raw,
         };
-        let config: ClipVisionConfig = serde_json::from_value(raw).map_err(|e| {
-            Error::msg(format!("{}: not a CLIP vision config: {e}", path.display()))
-        })?;
-        let vb = kubewan_model_common::var_builder(dir, "model", dtype, device)?;
+        serde_json::from_value(raw)
+            .map_err(|e| Error::msg(format!("{}: not a CLIP vision config: {e}", path.display())))
+    }
+}
+
+impl ClipVision {
+    /// Loads `dir/config.json` and `dir/model.safetensors` (or shards). Only the layers the
+    /// penultimate hidden states need are read.
+    pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
+        let config = ClipVisionConfig::load(&checkpoint::IMAGE_ENCODER_CONFIG.path(dir))?;
+        let vb = checkpoint::IMAGE_ENCODER_WEIGHTS.var_builder(dir, dtype, device)?;
         Self::from_var_builder(&config, vb).map_err(|e| match e {
             Error::Candle(source) => Error::model(dir, source),
             other => other,
@@ -171,16 +169,16 @@ impl ClipVision {
             layers.push(Layer {
                 ln1: layer_norm(l.pp("layer_norm1"), d, config.layer_norm_eps)?,
                 attn: Attention {
-                    q: linear(a.pp("q_proj"), d, d)?,
-                    k: linear(a.pp("k_proj"), d, d)?,
-                    v: linear(a.pp("v_proj"), d, d)?,
-                    out: linear(a.pp("out_proj"), d, d)?,
+                    q: linear(d, d, a.pp("q_proj"))?,
+                    k: linear(d, d, a.pp("k_proj"))?,
+                    v: linear(d, d, a.pp("v_proj"))?,
+                    out: linear(d, d, a.pp("out_proj"))?,
                     heads: config.num_attention_heads,
                     head_dim,
                 },
                 ln2: layer_norm(l.pp("layer_norm2"), d, config.layer_norm_eps)?,
-                fc1: linear(l.pp("mlp.fc1"), d, config.intermediate_size)?,
-                fc2: linear(l.pp("mlp.fc2"), config.intermediate_size, d)?,
+                fc1: linear(d, config.intermediate_size, l.pp("mlp.fc1"))?,
+                fc2: linear(config.intermediate_size, d, l.pp("mlp.fc2"))?,
             });
         }
         Ok(Self {
@@ -259,12 +257,7 @@ impl ClipVision {
         let q = split(a.q.forward(x)?)?;
         let k = split(a.k.forward(x)?)?;
         let v = split(a.v.forward(x)?)?;
-        let scores =
-            (q.matmul(&k.transpose(2, 3)?.contiguous()?)? * (a.head_dim as f64).powf(-0.5))?;
-        let probs = candle_nn::ops::softmax(&scores.to_dtype(DType::F32)?, D::Minus1)?
-            .to_dtype(v.dtype())?;
-        let out = probs
-            .matmul(&v)?
+        let out = attention(&q, &k, &v, Mask::None, (a.head_dim as f64).powf(-0.5))?
             .transpose(1, 2)?
             .reshape((b, t, a.heads * a.head_dim))?;
         Ok(a.out.forward(&out)?)

@@ -1,11 +1,20 @@
-//! Wan2.1 image-to-video / first-last-frame-to-video on candle, loaded from the diffusers layout.
+//! Wan image-to-video / first-last-frame-to-video on candle, loaded from the diffusers layout:
+//! Wan2.1 and Wan2.2 I2V-A14B (two experts switched at a boundary timestep).
 //!
-//! Components: the DiT ([`transformer`]), the causal 3-D VAE ([`vae`]), causal conv3d
-//! ([`conv3d`]) and the whole `WanImageToVideoPipeline` ([`pipeline`]).
+//! Components: the DiT ([`transformer`]) with LoRAs merged while it loads ([`lora`]), the causal
+//! 3-D VAE ([`vae`]), causal conv3d ([`conv3d`]), the UMT5 text encoder ([`umt5`], prompts in
+//! [`text`]), the CLIP image encoder ([`clip`]), the flow UniPC ([`scheduler`]) and Euler
+//! ([`euler`]) samplers behind one interface ([`sampler`]), and the whole
+//! `WanImageToVideoPipeline` ([`pipeline`]); [`checkpoint`] lists every file they read from a
+//! diffusers folder.
 
+pub mod checkpoint;
 pub mod clip;
 pub mod conv3d;
+pub mod euler;
+pub mod lora;
 pub mod pipeline;
+pub mod sampler;
 pub mod scheduler;
 pub mod text;
 pub mod tiny;
@@ -13,7 +22,7 @@ pub mod transformer;
 pub mod umt5;
 pub mod vae;
 
-pub use pipeline::{WanPipeline, required_files};
+pub use pipeline::WanPipeline;
 pub use tiny::write_tiny_checkpoint;
 
 use std::path::{Path, PathBuf};
@@ -30,6 +39,8 @@ pub enum Error {
     },
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
+    #[error("LoRA {path}: {what}")]
+    Lora { path: PathBuf, what: String },
     #[error("{0}")]
     Msg(String),
 }

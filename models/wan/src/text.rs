@@ -9,14 +9,14 @@ use candle_core::Tensor;
 use tokenizers::{PaddingDirection, PaddingParams, PaddingStrategy, Tokenizer, TruncationParams};
 
 use crate::umt5::Umt5Encoder;
-use crate::{Error, Result};
+use crate::{Error, Result, checkpoint};
 
 /// The pipeline's default (and Wan's trained) text length.
 pub const MAX_SEQUENCE_LENGTH: usize = 512;
 
-/// Loads `dir/tokenizer.json` (the diffusers `tokenizer/` folder).
+/// Loads the fast tokenizer of the diffusers `tokenizer/` folder `dir`.
 pub fn load_tokenizer(dir: &Path) -> Result<Tokenizer> {
-    let path = dir.join("tokenizer.json");
+    let path = checkpoint::TOKENIZER.path(dir);
     if !path.is_file() {
         return Err(Error::msg(format!(
             "{}: missing (the Rust side reads the fast-tokenizer file, not spiece.model)",

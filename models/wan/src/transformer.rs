@@ -10,8 +10,12 @@
 use std::path::Path;
 
 use candle_core::{D, DType, Device, Module, Result, Tensor};
-use candle_nn::{Linear, VarBuilder};
+use candle_nn::VarBuilder;
+use kubewan_model_common::nn::{Linear, Mask, RmsNorm, attention, linear};
 use serde::{Deserialize, Serialize};
+
+use crate::checkpoint;
+use crate::lora::{Lora, LoraMerge};
 
 /// `transformer/config.json`.
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -89,10 +93,6 @@ impl WanTransformerConfig {
     }
 }
 
-fn linear(vb: VarBuilder, in_dim: usize, out_dim: usize) -> Result<Linear> {
-    candle_nn::linear(in_dim, out_dim, vb)
-}
-
 /// LayerNorm computed in f32 (diffusers' `FP32LayerNorm`), optional affine parameters.
 #[derive(Debug, Clone)]
 pub(crate) struct F32LayerNorm {
@@ -131,69 +131,8 @@ impl F32LayerNorm {
     }
 }
 
-/// torch.nn.RMSNorm over the last dimension, computed in f32.
-#[derive(Debug, Clone)]
-pub(crate) struct RmsNorm {
-    weight: Tensor,
-    eps: f64,
-}
-
-impl RmsNorm {
-    fn new(vb: VarBuilder, dim: usize, eps: f64) -> Result<Self> {
-        Ok(Self {
-            weight: vb.get(dim, "weight")?,
-            eps,
-        })
-    }
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let dtype = x.dtype();
-        let xf = x.to_dtype(DType::F32)?;
-        let ms = xf.sqr()?.mean_keepdim(D::Minus1)?;
-        let y = xf.broadcast_mul(&(ms + self.eps)?.sqrt()?.recip()?)?;
-        y.to_dtype(dtype)?
-            .broadcast_mul(&self.weight.to_dtype(dtype)?)
-    }
-}
-
 fn gelu_tanh(x: &Tensor) -> Result<Tensor> {
     x.gelu()
-}
-
-/// Scaled dot-product attention over `[B, H, N, d]` tensors, processed in query chunks so the
-/// score matrix stays bounded for long videos.
-pub(crate) fn attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
-    // Elements of one score chunk: 64 Mi on the CPU (256 MiB f32), 256 Mi on a GPU, where
-    // fewer, larger chunks matter more than the transient memory.
-    let budget: usize = if q.device().is_cpu() {
-        64 << 20
-    } else {
-        256 << 20
-    };
-    attention_chunked(q, k, v, budget)
-}
-
-fn attention_chunked(q: &Tensor, k: &Tensor, v: &Tensor, budget_elems: usize) -> Result<Tensor> {
-    let (b, h, nq, d) = q.dims4()?;
-    let nk = k.dim(2)?;
-    let scale = 1.0 / (d as f64).sqrt();
-    let kt = k.transpose(2, 3)?.contiguous()?;
-    let chunk = (budget_elems / (b * h * nk).max(1)).clamp(1, nq.max(1));
-    let mut outs = Vec::new();
-    let mut start = 0;
-    while start < nq {
-        let len = chunk.min(nq - start);
-        let qc = q.narrow(2, start, len)?.contiguous()?;
-        let scores = (qc.matmul(&kt)? * scale)?;
-        let probs =
-            candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(v.dtype())?;
-        outs.push(probs.matmul(v)?);
-        start += len;
-    }
-    if outs.len() == 1 {
-        Ok(outs.pop().unwrap())
-    } else {
-        Tensor::cat(&outs, 2)
-    }
 }
 
 #[derive(Debug, Clone)]
@@ -208,6 +147,8 @@ struct WanAttention {
     add_v_proj: Option<Linear>,
     norm_added_k: Option<RmsNorm>,
     heads: usize,
+    /// 1/sqrt(head_dim).
+    scale: f64,
 }
 
 impl WanAttention {
@@ -220,23 +161,24 @@ impl WanAttention {
     ) -> Result<Self> {
         let (add_k_proj, add_v_proj, norm_added_k) = match added_kv_proj_dim {
             Some(a) => (
-                Some(linear(vb.pp("add_k_proj"), a, dim)?),
-                Some(linear(vb.pp("add_v_proj"), a, dim)?),
-                Some(RmsNorm::new(vb.pp("norm_added_k"), dim, eps)?),
+                Some(linear(a, dim, vb.pp("add_k_proj"))?),
+                Some(linear(a, dim, vb.pp("add_v_proj"))?),
+                Some(RmsNorm::new(dim, eps, vb.pp("norm_added_k"))?),
             ),
             None => (None, None, None),
         };
         Ok(Self {
-            to_q: linear(vb.pp("to_q"), dim, dim)?,
-            to_k: linear(vb.pp("to_k"), dim, dim)?,
-            to_v: linear(vb.pp("to_v"), dim, dim)?,
-            to_out: linear(vb.pp("to_out.0"), dim, dim)?,
-            norm_q: RmsNorm::new(vb.pp("norm_q"), dim, eps)?,
-            norm_k: RmsNorm::new(vb.pp("norm_k"), dim, eps)?,
+            to_q: linear(dim, dim, vb.pp("to_q"))?,
+            to_k: linear(dim, dim, vb.pp("to_k"))?,
+            to_v: linear(dim, dim, vb.pp("to_v"))?,
+            to_out: linear(dim, dim, vb.pp("to_out.0"))?,
+            norm_q: RmsNorm::new(dim, eps, vb.pp("norm_q"))?,
+            norm_k: RmsNorm::new(dim, eps, vb.pp("norm_k"))?,
             add_k_proj,
             add_v_proj,
             norm_added_k,
             heads,
+            scale: 1.0 / ((dim / heads) as f64).sqrt(),
         })
     }
 
@@ -277,7 +219,7 @@ impl WanAttention {
             q = rot(&q)?;
             k = rot(&k)?;
         }
-        let mut out = self.merge(&attention(&q, &k, &v)?)?;
+        let mut out = self.merge(&attention(&q, &k, &v, Mask::None, self.scale)?)?;
         if let (Some(img), Some(akp), Some(avp), Some(nak)) = (
             context_img,
             &self.add_k_proj,
@@ -286,7 +228,7 @@ impl WanAttention {
         ) {
             let ki = self.heads(&nak.forward(&akp.forward(img)?)?)?;
             let vi = self.heads(&avp.forward(img)?)?;
-            let oi = self.merge(&attention(&q, &ki, &vi)?)?;
+            let oi = self.merge(&attention(&q, &ki, &vi, Mask::None, self.scale)?)?;
             out = (out + oi)?;
         }
         self.to_out.forward(&out)
@@ -303,8 +245,8 @@ struct FeedForward {
 impl FeedForward {
     fn new(vb: VarBuilder, dim: usize, inner: usize, out: usize, tanh: bool) -> Result<Self> {
         Ok(Self {
-            proj_in: linear(vb.pp("net.0.proj"), dim, inner)?,
-            proj_out: linear(vb.pp("net.2"), inner, out)?,
+            proj_in: linear(dim, inner, vb.pp("net.0.proj"))?,
+            proj_out: linear(inner, out, vb.pp("net.2"))?,
             tanh,
         })
     }
@@ -548,15 +490,15 @@ impl WanTransformer {
         Ok(Self {
             patch_w,
             patch_b,
-            time_linear_1: linear(ce.pp("time_embedder.linear_1"), cfg.freq_dim, dim)?,
-            time_linear_2: linear(ce.pp("time_embedder.linear_2"), dim, dim)?,
-            time_proj: linear(ce.pp("time_proj"), dim, 6 * dim)?,
-            text_linear_1: linear(ce.pp("text_embedder.linear_1"), cfg.text_dim, dim)?,
-            text_linear_2: linear(ce.pp("text_embedder.linear_2"), dim, dim)?,
+            time_linear_1: linear(cfg.freq_dim, dim, ce.pp("time_embedder.linear_1"))?,
+            time_linear_2: linear(dim, dim, ce.pp("time_embedder.linear_2"))?,
+            time_proj: linear(dim, 6 * dim, ce.pp("time_proj"))?,
+            text_linear_1: linear(cfg.text_dim, dim, ce.pp("text_embedder.linear_1"))?,
+            text_linear_2: linear(dim, dim, ce.pp("text_embedder.linear_2"))?,
             image_embedder,
             blocks,
             norm_out: F32LayerNorm::new(vb.pp("norm_out"), dim, cfg.eps, false)?,
-            proj_out: linear(vb.pp("proj_out"), dim, out_dim)?,
+            proj_out: linear(dim, out_dim, vb.pp("proj_out"))?,
             scale_shift_table: vb
                 .get((1, 2, dim), "scale_shift_table")?
                 .to_dtype(DType::F32)?,
@@ -567,12 +509,31 @@ impl WanTransformer {
         })
     }
 
-    /// Loads `dir/config.json` and `dir/diffusion_pytorch_model*.safetensors`.
+    /// Loads the transformer component folder `dir` (`config.json`, `diffusion_pytorch_model*.safetensors`).
     pub fn load(dir: &Path, dtype: DType, device: &Device) -> crate::Result<Self> {
+        Self::load_with_loras(dir, dtype, device, &[]).map(|(model, _)| model)
+    }
+
+    /// [`Self::load`] with `loras` merged into the weights as they are read (see
+    /// [`crate::lora`]); also returns what the LoRAs left unused, one note per file.
+    pub fn load_with_loras(
+        dir: &Path,
+        dtype: DType,
+        device: &Device,
+        loras: &[Lora],
+    ) -> crate::Result<(Self, Vec<String>)> {
         let config: WanTransformerConfig =
-            kubewan_model_common::read_json(&dir.join("config.json"), "a Wan transformer config")?;
-        let vb = kubewan_model_common::var_builder(dir, "diffusion_pytorch_model", dtype, device)?;
-        Self::new(vb, config).map_err(|e| crate::Error::model(dir, e))
+            checkpoint::TRANSFORMER_CONFIG.read_json(dir, "a Wan transformer config")?;
+        let mut merge = LoraMerge::open(loras)?;
+        let vb = checkpoint::TRANSFORMER_WEIGHTS.var_builder_with(
+            dir,
+            dtype,
+            device,
+            &mut |name: &str, tensor: Tensor| merge.apply(name, tensor),
+        )?;
+        let notes = merge.finish(dir)?;
+        let model = Self::new(vb, config).map_err(|e| crate::Error::model(dir, e))?;
+        Ok((model, notes))
     }
 
     pub fn dtype(&self) -> DType {
@@ -711,32 +672,5 @@ impl WanTransformer {
             .permute(vec![0, 7, 1, 4, 2, 5, 3, 6])?
             .contiguous()?
             .reshape((b, co, f, h, w))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn chunked_attention_matches_one_chunk() {
-        let dev = Device::Cpu;
-        let q = Tensor::randn(0f32, 1f32, (1, 2, 37, 8), &dev).unwrap();
-        let k = Tensor::randn(0f32, 1f32, (1, 2, 23, 8), &dev).unwrap();
-        let v = Tensor::randn(0f32, 1f32, (1, 2, 23, 8), &dev).unwrap();
-        let whole = attention_chunked(&q, &k, &v, usize::MAX / 2).unwrap();
-        // 2 heads x 23 keys x 5 queries per chunk: 8 chunks, the last one short
-        let parts = attention_chunked(&q, &k, &v, 2 * 23 * 5).unwrap();
-        let err = (whole - parts)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        assert!(err < 1e-6, "{err}");
     }
 }

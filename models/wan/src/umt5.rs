@@ -8,11 +8,12 @@
 
 use std::path::Path;
 
-use candle_core::{D, DType, Device, Module, Tensor};
-use candle_nn::{Linear, VarBuilder};
+use candle_core::{DType, Device, Module, Tensor};
+use candle_nn::VarBuilder;
+use kubewan_model_common::nn::{Linear, Mask, RmsNorm, attention, linear_no_bias};
 use serde::Deserialize;
 
-use crate::{Error, Result};
+use crate::{Error, Result, checkpoint};
 
 /// The fields of `text_encoder/config.json` this encoder reads.
 #[derive(Debug, Clone, Deserialize)]
@@ -85,36 +86,6 @@ impl Umt5Config {
     }
 }
 
-/// T5's RMS norm: x / sqrt(mean(x^2) + eps) * weight, the statistics in f32.
-#[derive(Debug, Clone)]
-struct T5Norm {
-    weight: Tensor,
-    eps: f64,
-}
-
-impl T5Norm {
-    fn load(vb: VarBuilder, dim: usize, eps: f64) -> Result<Self> {
-        Ok(Self {
-            weight: vb.get(dim, "weight")?,
-            eps,
-        })
-    }
-
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let dtype = x.dtype();
-        let xf = x.to_dtype(DType::F32)?;
-        let var = xf.sqr()?.mean_keepdim(D::Minus1)?;
-        let normed = xf
-            .broadcast_div(&(var + self.eps)?.sqrt()?)?
-            .to_dtype(dtype)?;
-        Ok(normed.broadcast_mul(&self.weight)?)
-    }
-}
-
-fn linear_no_bias(vb: VarBuilder, in_dim: usize, out_dim: usize) -> Result<Linear> {
-    Ok(Linear::new(vb.get((out_dim, in_dim), "weight")?, None))
-}
-
 #[derive(Debug, Clone)]
 struct SelfAttention {
     q: Linear,
@@ -131,10 +102,10 @@ impl SelfAttention {
     fn load(vb: VarBuilder, cfg: &Umt5Config) -> Result<Self> {
         let inner = cfg.num_heads * cfg.d_kv;
         Ok(Self {
-            q: linear_no_bias(vb.pp("q"), cfg.d_model, inner)?,
-            k: linear_no_bias(vb.pp("k"), cfg.d_model, inner)?,
-            v: linear_no_bias(vb.pp("v"), cfg.d_model, inner)?,
-            o: linear_no_bias(vb.pp("o"), inner, cfg.d_model)?,
+            q: linear_no_bias(cfg.d_model, inner, vb.pp("q"))?,
+            k: linear_no_bias(cfg.d_model, inner, vb.pp("k"))?,
+            v: linear_no_bias(cfg.d_model, inner, vb.pp("v"))?,
+            o: linear_no_bias(inner, cfg.d_model, vb.pp("o"))?,
             relative_attention_bias: vb.pp("relative_attention_bias").get(
                 (cfg.relative_attention_num_buckets, cfg.num_heads),
                 "weight",
@@ -163,16 +134,13 @@ impl SelfAttention {
             .permute((2, 0, 1))?
             .unsqueeze(0)?
             .to_dtype(DType::F32)?;
-        let scores = q
-            .matmul(&k.transpose(2, 3)?.contiguous()?)?
-            .to_dtype(DType::F32)?;
-        let mut scores = scores.broadcast_add(&bias)?;
-        if let Some(mask) = mask {
-            scores = scores.broadcast_add(mask)?;
-        }
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
-        let out = probs
-            .matmul(&v)?
+        // The position bias and the padding mask are both added to the scores; T5 does not
+        // scale them by 1/sqrt(d).
+        let bias = match mask {
+            Some(mask) => bias.broadcast_add(mask)?,
+            None => bias,
+        };
+        let out = attention(&q, &k, &v, Mask::Additive(&bias), 1.0)?
             .transpose(1, 2)?
             .reshape((b, s, self.heads * self.d_kv))?;
         Ok(self.o.forward(&out)?)
@@ -192,16 +160,16 @@ impl FeedForward {
         let (gated, act) = cfg.ffn()?;
         let (wi_0, wi_1) = if gated {
             (
-                linear_no_bias(vb.pp("wi_0"), cfg.d_model, cfg.d_ff)?,
-                Some(linear_no_bias(vb.pp("wi_1"), cfg.d_model, cfg.d_ff)?),
+                linear_no_bias(cfg.d_model, cfg.d_ff, vb.pp("wi_0"))?,
+                Some(linear_no_bias(cfg.d_model, cfg.d_ff, vb.pp("wi_1"))?),
             )
         } else {
-            (linear_no_bias(vb.pp("wi"), cfg.d_model, cfg.d_ff)?, None)
+            (linear_no_bias(cfg.d_model, cfg.d_ff, vb.pp("wi"))?, None)
         };
         Ok(Self {
             wi_0,
             wi_1,
-            wo: linear_no_bias(vb.pp("wo"), cfg.d_ff, cfg.d_model)?,
+            wo: linear_no_bias(cfg.d_ff, cfg.d_model, vb.pp("wo"))?,
             act,
         })
     }
@@ -223,9 +191,9 @@ impl FeedForward {
 
 #[derive(Debug, Clone)]
 struct Block {
-    attn_norm: T5Norm,
+    attn_norm: RmsNorm,
     attn: SelfAttention,
-    ff_norm: T5Norm,
+    ff_norm: RmsNorm,
     ff: FeedForward,
 }
 
@@ -235,18 +203,18 @@ struct Block {
 pub struct Umt5Encoder {
     embed_tokens: candle_nn::Embedding,
     blocks: Vec<Block>,
-    final_norm: T5Norm,
+    final_norm: RmsNorm,
     config: Umt5Config,
     device: Device,
     dtype: DType,
 }
 
 impl Umt5Encoder {
-    /// Loads `dir/config.json` and `dir/model.safetensors` (or its shards) in `dtype` on `device`.
+    /// Loads the text encoder component folder `dir` (`config.json`, `model*.safetensors`) in
+    /// `dtype` on `device`.
     pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
-        let config: Umt5Config =
-            kubewan_model_common::read_json(&dir.join("config.json"), "a UMT5 config")?;
-        let vb = kubewan_model_common::var_builder(dir, "model", dtype, device)?;
+        let config: Umt5Config = checkpoint::TEXT_ENCODER_CONFIG.read_json(dir, "a UMT5 config")?;
+        let vb = checkpoint::TEXT_ENCODER_WEIGHTS.var_builder(dir, dtype, device)?;
         Self::from_var_builder(&config, vb).map_err(|e| match e {
             Error::Candle(source) => Error::model(dir, source),
             other => other,
@@ -266,24 +234,24 @@ impl Umt5Encoder {
         for i in 0..config.num_layers {
             let b = enc.pp(format!("block.{i}"));
             blocks.push(Block {
-                attn_norm: T5Norm::load(
-                    b.pp("layer.0.layer_norm"),
+                attn_norm: RmsNorm::new(
                     config.d_model,
                     config.layer_norm_epsilon,
+                    b.pp("layer.0.layer_norm"),
                 )?,
                 attn: SelfAttention::load(b.pp("layer.0.SelfAttention"), config)?,
-                ff_norm: T5Norm::load(
-                    b.pp("layer.1.layer_norm"),
+                ff_norm: RmsNorm::new(
                     config.d_model,
                     config.layer_norm_epsilon,
+                    b.pp("layer.1.layer_norm"),
                 )?,
                 ff: FeedForward::load(b.pp("layer.1.DenseReluDense"), config)?,
             });
         }
-        let final_norm = T5Norm::load(
-            enc.pp("final_layer_norm"),
+        let final_norm = RmsNorm::new(
             config.d_model,
             config.layer_norm_epsilon,
+            enc.pp("final_layer_norm"),
         )?;
         Ok(Self {
             embed_tokens,
@@ -347,7 +315,7 @@ impl Umt5Encoder {
             let h = block.ff.forward(&block.ff_norm.forward(&x)?)?;
             x = clamp_f16(&(x + h)?)?;
         }
-        self.final_norm.forward(&x)
+        Ok(self.final_norm.forward(&x)?)
     }
 }
 

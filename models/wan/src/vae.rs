@@ -12,8 +12,10 @@ use std::path::Path;
 
 use candle_core::{D, DType, Device, Result, Tensor};
 use candle_nn::VarBuilder;
+use kubewan_model_common::nn::{Mask, RmsNorm, attention};
 use serde::Deserialize;
 
+use crate::checkpoint;
 use crate::conv3d::CausalConv3d;
 
 /// `vae/config.json`.
@@ -123,32 +125,18 @@ fn cached_conv(conv: &CausalConv3d, x: &Tensor, cache: &mut Cache) -> Result<Ten
     Ok(y)
 }
 
-/// diffusers' `WanRMS_norm` over the channel axis (dim 1 of `[T, C, H, W]`), no bias.
-#[derive(Debug, Clone)]
-struct RmsNorm {
-    gamma: Tensor, // [1, C, 1, 1]
-    scale: f64,
-}
-
-impl RmsNorm {
-    fn new(vb: VarBuilder, dim: usize, images: bool) -> Result<Self> {
-        let gamma = if images {
-            vb.get((dim, 1, 1), "gamma")?
-        } else {
-            vb.get((dim, 1, 1, 1), "gamma")?
-        };
-        Ok(Self {
-            gamma: gamma.reshape((1, dim, 1, 1))?,
-            scale: (dim as f64).sqrt(),
-        })
-    }
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let dtype = x.dtype();
-        let xf = x.to_dtype(DType::F32)?;
-        let norm = xf.sqr()?.sum_keepdim(1)?.sqrt()?.maximum(1e-12)?;
-        let y = xf.broadcast_div(&norm)?.to_dtype(dtype)?;
-        (y * self.scale)?.broadcast_mul(&self.gamma)
-    }
+/// diffusers' `WanRMS_norm`: `F.normalize(x, dim=1) * sqrt(C) * gamma` over
+/// the channels of `[T, C, H, W]`, which is an RMS norm over the channels.
+/// F.normalize divides by the norm clamped at 1e-12; as an RMS norm that is
+/// an eps of (1e-12)² / C on the mean square (they differ only for vectors
+/// of norm below ~1e-12, which both map to ~0).
+fn rms_norm(vb: VarBuilder, dim: usize, images: bool) -> Result<RmsNorm> {
+    let gamma = if images {
+        vb.get((dim, 1, 1), "gamma")?
+    } else {
+        vb.get((dim, 1, 1, 1), "gamma")?
+    };
+    RmsNorm::over_channels(gamma, 1e-24 / dim as f64)
 }
 
 #[derive(Debug, Clone)]
@@ -163,9 +151,9 @@ struct ResBlock {
 impl ResBlock {
     fn new(vb: VarBuilder, in_dim: usize, out_dim: usize) -> Result<Self> {
         Ok(Self {
-            norm1: RmsNorm::new(vb.pp("norm1"), in_dim, false)?,
+            norm1: rms_norm(vb.pp("norm1"), in_dim, false)?,
             conv1: CausalConv3d::cube(vb.pp("conv1"), in_dim, out_dim, 3, 1)?,
-            norm2: RmsNorm::new(vb.pp("norm2"), out_dim, false)?,
+            norm2: rms_norm(vb.pp("norm2"), out_dim, false)?,
             conv2: CausalConv3d::cube(vb.pp("conv2"), out_dim, out_dim, 3, 1)?,
             shortcut: if in_dim != out_dim {
                 Some(CausalConv3d::cube(
@@ -207,7 +195,7 @@ struct AttnBlock {
 impl AttnBlock {
     fn new(vb: VarBuilder, dim: usize) -> Result<Self> {
         Ok(Self {
-            norm: RmsNorm::new(vb.pp("norm"), dim, true)?,
+            norm: rms_norm(vb.pp("norm"), dim, true)?,
             qkv_w: vb.get((3 * dim, dim, 1, 1), "to_qkv.weight")?,
             qkv_b: vb
                 .get(3 * dim, "to_qkv.bias")?
@@ -231,7 +219,7 @@ impl AttnBlock {
         let q = qkv.narrow(D::Minus1, 0, c)?.contiguous()?;
         let k = qkv.narrow(D::Minus1, c, c)?.contiguous()?;
         let v = qkv.narrow(D::Minus1, 2 * c, c)?.contiguous()?;
-        let o = crate::transformer::attention(&q, &k, &v)?; // [T, 1, HW, C]
+        let o = attention(&q, &k, &v, Mask::None, 1.0 / (c as f64).sqrt())?; // [T, 1, HW, C]
         let o = o
             .squeeze(1)?
             .transpose(1, 2)?
@@ -444,7 +432,7 @@ impl Encoder {
             conv_in,
             down,
             mid: MidBlock::new(vb.pp("mid_block"), out_dim)?,
-            norm_out: RmsNorm::new(vb.pp("norm_out"), out_dim, false)?,
+            norm_out: rms_norm(vb.pp("norm_out"), out_dim, false)?,
             conv_out: CausalConv3d::cube(vb.pp("conv_out"), out_dim, cfg.z_dim * 2, 3, 1)?,
         })
     }
@@ -518,7 +506,7 @@ impl Decoder {
             conv_in: CausalConv3d::cube(vb.pp("conv_in"), cfg.z_dim, dims[0], 3, 1)?,
             mid: MidBlock::new(vb.pp("mid_block"), dims[0])?,
             up,
-            norm_out: RmsNorm::new(vb.pp("norm_out"), out_dim, false)?,
+            norm_out: rms_norm(vb.pp("norm_out"), out_dim, false)?,
             conv_out: CausalConv3d::cube(vb.pp("conv_out"), out_dim, cfg.out_channels, 3, 1)?,
         })
     }
@@ -578,9 +566,8 @@ impl WanVae {
 
     /// Loads `dir/config.json` and `dir/diffusion_pytorch_model*.safetensors`.
     pub fn load(dir: &Path, dtype: DType, device: &Device) -> crate::Result<Self> {
-        let config: WanVaeConfig =
-            kubewan_model_common::read_json(&dir.join("config.json"), "a Wan VAE config")?;
-        let vb = kubewan_model_common::var_builder(dir, "diffusion_pytorch_model", dtype, device)?;
+        let config: WanVaeConfig = checkpoint::VAE_CONFIG.read_json(dir, "a Wan VAE config")?;
+        let vb = checkpoint::VAE_WEIGHTS.var_builder(dir, dtype, device)?;
         Self::new(vb, config).map_err(|e| crate::Error::model(dir, e))
     }
 

@@ -1,56 +1,12 @@
 //! Parity of the Wan DiT, VAE and the whole pipeline against diffusers' goldens
 //! (`models/wan/scripts/make_tiny.py`), max abs error <= 2e-3 in f32.
 
-use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+mod common;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device};
+use common::*;
+use kubewan_wan::pipeline::ExpertLoras;
 use kubewan_wan::transformer::WanTransformer;
-
-const TOL: f32 = 2e-3;
-
-fn data(case: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/data")
-        .join(case)
-}
-
-fn golden(case: &str, file: &str) -> HashMap<String, Tensor> {
-    let p = data(case).join("golden").join(file);
-    candle_core::safetensors::load(&p, &Device::Cpu)
-        .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
-}
-
-fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims(), "shape mismatch");
-    let a = a.to_dtype(DType::F32).unwrap();
-    let b = b.to_dtype(DType::F32).unwrap();
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
-
-fn check(what: &str, got: &Tensor, want: &Tensor) {
-    let err = max_abs(got, want);
-    let scale = want
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
-    eprintln!("{what}: max abs err {err:.3e} (max |ref| {scale:.3})");
-    assert!(err <= TOL, "{what}: max abs error {err} > {TOL}");
-}
 
 fn dit_case(case: &str) {
     let g = golden(case, "dit.safetensors");
@@ -107,48 +63,22 @@ fn vae_encode_decode_i2v() {
     vae_case("tiny-i2v");
 }
 
-fn meta(case: &str) -> serde_json::Value {
-    let p = data(case).join("golden/meta.json");
-    serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap()
-}
-
-fn load_png(path: &Path) -> image::RgbImage {
-    image::open(path)
-        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-        .to_rgb8()
-}
-
 fn pipeline_case(case: &str) {
-    use kubewan_wan::pipeline::{VideoRequest, WanPipeline};
+    use kubewan_wan::pipeline::{GuidancePasses, VideoRequest, WanPipeline};
     let m = meta(case);
     let gold = data(case).join("golden");
-    let pipe = WanPipeline::load(&data(case).join("model"), DType::F32, &Device::Cpu).unwrap();
-    let latents = golden(case, "latents.safetensors")
-        .remove("latents")
-        .unwrap();
-    let req = VideoRequest {
-        first: load_png(&gold.join(m["e2e_first"].as_str().unwrap())),
-        last: m["e2e_last"].as_str().map(|l| load_png(&gold.join(l))),
-        known_frames: vec![],
-        width: m["width"].as_u64().unwrap() as usize,
-        height: m["height"].as_u64().unwrap() as usize,
-        frames: m["frames"].as_u64().unwrap() as usize,
-        steps: m["steps"].as_u64().unwrap() as usize,
-        guidance: m["guidance"].as_f64().unwrap(),
-        flow_shift: m["flow_shift"].as_f64(),
-        seed: 0,
-        latents: Some(latents),
-    };
+    let pipe = WanPipeline::load(
+        &data(case).join("model"),
+        DType::F32,
+        &Device::Cpu,
+        &ExpertLoras::default(),
+    )
+    .unwrap();
+    let first = load_png(&gold.join(m["e2e_first"].as_str().unwrap()));
+    let last = m["e2e_last"].as_str().map(|l| load_png(&gold.join(l)));
+    let req = golden_request(&m, &m, first, last, case);
     let e2e = golden(case, "e2e.safetensors");
-    let cond = pipe
-        .encode_conditioning(
-            m["prompt"].as_str().unwrap(),
-            m["negative_prompt"].as_str(),
-            req.guidance,
-            &req.first,
-            req.last.as_ref(),
-        )
-        .unwrap();
+    let cond = golden_conditioning(&pipe, &m, &req);
     check(
         &format!("{case} prompt embeds"),
         &cond.prompt_embeds,
@@ -164,14 +94,29 @@ fn pipeline_case(case: &str) {
         cond.image_embeds.as_ref().unwrap(),
         &e2e["image_embeds"],
     );
-    let mut steps = 0;
-    let fin = pipe.denoise(&req, &cond, &mut |_, _| steps += 1).unwrap();
-    assert_eq!(steps, req.steps);
-    check(
-        &format!("{case} final latents"),
-        &fin,
-        &e2e["final_latents"],
+    // diffusers runs two passes per step; one batch of 2 must give the same latents.
+    let mut finals = Vec::new();
+    for passes in [GuidancePasses::Separate, GuidancePasses::Batched] {
+        let req = VideoRequest {
+            guidance_passes: passes,
+            ..req.clone()
+        };
+        let mut steps = 0;
+        let fin = pipe.denoise(&req, &cond, &mut |_, _| steps += 1).unwrap();
+        assert_eq!(steps, req.steps);
+        check(
+            &format!("{case} final latents ({passes:?})"),
+            &fin,
+            &e2e["final_latents"],
+        );
+        finals.push(fin);
+    }
+    let batch_err = max_abs(&finals[0], &finals[1]);
+    assert!(
+        batch_err < 1e-5,
+        "{case}: batched vs separate guidance differ by {batch_err}"
     );
+    let fin = finals.remove(1);
     let frames = pipe.decode(&fin, &mut |_, _| {}).unwrap();
     let want = golden(case, "frames.safetensors").remove("frames").unwrap();
     check(&format!("{case} frames (end to end)"), &frames, &want);
@@ -201,9 +146,12 @@ fn small_request(
         frames: 9,
         steps: 2,
         guidance: 3.0,
+        guidance_2: None,
+        sampler: Default::default(),
         flow_shift: Some(5.0),
         seed: 3,
         latents: None,
+        guidance_passes: kubewan_wan::pipeline::GuidancePasses::Batched,
     }
 }
 
@@ -216,9 +164,13 @@ fn solid(v: u8) -> image::RgbImage {
 #[test]
 fn known_frames_set_the_mask() {
     use kubewan_wan::pipeline::WanPipeline;
-    let pipe =
-        WanPipeline::load_denoiser(&data("tiny-flf2v").join("model"), DType::F32, &Device::Cpu)
-            .unwrap();
+    let pipe = WanPipeline::load_denoiser(
+        &data("tiny-flf2v").join("model"),
+        DType::F32,
+        &Device::Cpu,
+        &ExpertLoras::default(),
+    )
+    .unwrap();
     let mask_of = |req: &kubewan_wan::pipeline::VideoRequest| -> Vec<Vec<f32>> {
         let c = pipe.condition(req).unwrap(); // [1, 4+16, 3, 4, 6]
         assert_eq!(c.dims(), &[1, 20, 3, 4, 6]);
@@ -280,9 +232,14 @@ fn tiny_checkpoint_runs() {
     use kubewan_wan::pipeline::WanPipeline;
     let dir = std::env::temp_dir().join(format!("kubewan-wan-tiny-{}", std::process::id()));
     kubewan_wan::write_tiny_checkpoint(&dir, 7).unwrap();
-    for f in kubewan_wan::required_files() {
-        assert!(dir.join(f).is_file(), "{f} missing");
-    }
+    // everything the catalogue names, the image branch included
+    let inventory = kubewan_wan::checkpoint::require(&dir).unwrap();
+    assert!(
+        inventory
+            .weights
+            .contains(&dir.join("image_encoder/model.safetensors")),
+        "{inventory:?}"
+    );
     // fresh weights, not the committed ones
     let ours = candle_core::safetensors::load(
         dir.join("transformer/diffusion_pytorch_model.safetensors"),
@@ -296,7 +253,7 @@ fn tiny_checkpoint_runs() {
     .unwrap();
     assert_eq!(ours.len(), committed.len());
     assert!(max_abs(&ours["proj_out.weight"], &committed["proj_out.weight"]) > 1e-3);
-    let pipe = WanPipeline::load(&dir, DType::F32, &Device::Cpu).unwrap();
+    let pipe = WanPipeline::load(&dir, DType::F32, &Device::Cpu, &ExpertLoras::default()).unwrap();
     let req = small_request(solid(10), Some(solid(200)), vec![solid(40)]);
     let frames = pipe.generate(&req, "a fox", Some("blurry")).unwrap();
     assert_eq!(frames.dims(), &[9, 32, 48, 3]);

@@ -6,10 +6,13 @@
 //! `KUBEWAN_WAN_PARITY_DIRS` (separated by `:`; e.g. the script's `--held-back` output) is checked
 //! the same way.
 
+mod common;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
+use common::max_abs;
 use kubewan_wan::clip::{self, ClipVision, ImageProcessorConfig, PilFilter};
 use kubewan_wan::scheduler::FlowUniPc;
 use kubewan_wan::text;
@@ -42,24 +45,8 @@ fn meta(dir: &Path) -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap()
 }
 
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims(), "shape mismatch");
-    let a = a.to_dtype(DType::F32).unwrap();
-    let b = b.to_dtype(DType::F32).unwrap();
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
-
 fn assert_close(what: &str, got: &Tensor, want: &Tensor, tol: f32) {
-    let err = max_abs_diff(got, want);
+    let err = max_abs(got, want);
     println!("{what}: max abs err {err:.3e}");
     assert!(err <= tol, "{what}: max abs err {err:e} > {tol:e}");
 }
@@ -108,7 +95,7 @@ fn umt5_hidden_states_match_transformers() {
         );
         // The mask matters: without it the padded sequence is far from the reference.
         let unmasked = enc.encode(&g["prompt_ids"], None).unwrap();
-        assert!(max_abs_diff(&unmasked, &g["prompt_hidden"]) > 1e-2);
+        assert!(max_abs(&unmasked, &g["prompt_hidden"]) > 1e-2);
     }
 }
 
@@ -259,7 +246,7 @@ fn clip_preprocess_matches_image_processor() {
         let mut bilinear = cfg.clone();
         bilinear.resample = 2;
         let px = clip::preprocess(&[a.clone(), b.clone()], &bilinear, &Device::Cpu).unwrap();
-        assert!(max_abs_diff(&px, &g["odd_pixels"]) > 1e-2);
+        assert!(max_abs(&px, &g["odd_pixels"]) > 1e-2);
     }
 }
 
@@ -540,19 +527,19 @@ fn encoders_run_in_bf16_and_f16() {
             .encode(&gt["prompt_ids"], Some(&gt["prompt_mask"]))
             .unwrap();
         assert_eq!(h.dtype(), dtype);
-        let scale = max_abs_diff(
+        let scale = max_abs(
             &gt["prompt_hidden"],
             &gt["prompt_hidden"].zeros_like().unwrap(),
         );
-        let err = max_abs_diff(&h, &gt["prompt_hidden"]);
+        let err = max_abs(&h, &gt["prompt_hidden"]);
         println!("umt5 {dtype:?}: max abs err {err:.3e} (max |x| {scale:.2})");
         assert!(err < 0.05 * scale, "umt5 {dtype:?}: {err}");
         let model =
             ClipVision::load(&dir.join("model/image_encoder"), dtype, &Device::Cpu).unwrap();
         let h = model.forward_penultimate(&gc["two_pixels"]).unwrap();
         assert_eq!(h.dtype(), dtype);
-        let scale = max_abs_diff(&gc["two_hidden"], &gc["two_hidden"].zeros_like().unwrap());
-        let err = max_abs_diff(&h, &gc["two_hidden"]);
+        let scale = max_abs(&gc["two_hidden"], &gc["two_hidden"].zeros_like().unwrap());
+        let err = max_abs(&h, &gc["two_hidden"]);
         println!("clip {dtype:?}: max abs err {err:.3e} (max |x| {scale:.2})");
         assert!(err < 0.05 * scale, "clip {dtype:?}: {err}");
     }

@@ -14,14 +14,18 @@ pub mod stitch;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
+use candle_core::Device;
+use kubewan_crds::hash::fnv1a;
 use kubewan_crds::report::RunReport;
-use kubewan_crds::task::{Stage, Task};
-use kubewan_crds::validate::check_relative_path;
-use kubewan_crds::{PREVIEW_MODEL, Plan};
+use kubewan_crds::task::Task;
+use kubewan_crds::validate::validate_plan;
+use kubewan_crds::{Plan, StepId};
+use kubewan_model_common::device::{DeviceChoice, device_label};
 
+use crate::admission::{Admission, PhaseNeed, Refusal};
 use crate::ckpts::{CkptRoot, ModelKind, ResolvedModel};
-use crate::fsutil::ensure_writable_dir;
-use crate::probe::{Probe, ProbeRecord, available_bytes, ensure_fits};
+use crate::fsutil::{check_disjoint, job_dir, read_image, resolve_inside};
+use crate::probe::{Probe, ProbeRecord};
 use crate::progress::Progress;
 use crate::report::{fill_from_probe, write_outputs};
 use crate::video::Frame;
@@ -55,12 +59,7 @@ pub fn plan_fingerprint(plan: &Plan) -> String {
         "vlm": plan.vlm,
         "fps": plan.fps,
     });
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in basis.to_string().bytes() {
-        hash ^= u64::from(b);
-        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    format!("{hash:016x}")
+    format!("{:016x}", fnv1a(basis.to_string().as_bytes()))
 }
 
 /// Where a stage finds its volumes.
@@ -79,6 +78,10 @@ pub struct StageCtx<'a> {
     pub job_dir: PathBuf,
     pub probe: &'a mut Probe,
     pub progress: &'a dyn Progress,
+    /// Where the stage's models compute (the CPU for stages that run none).
+    pub device: Device,
+    /// The memory admission of the models this stage loads.
+    pub admission: &'a mut Admission,
 }
 
 impl StageCtx<'_> {
@@ -91,13 +94,20 @@ impl StageCtx<'_> {
         CkptRoot::open(&self.mounts.ckpts)
     }
 
-    /// Resolves and checks a model folder of `kind` under the checkpoint root,
-    /// then refuses it when its weights do not fit the memory available
-    /// (cgroup limit included): call it before loading any model.
+    /// Resolves and checks a model folder of `kind` under the checkpoint root.
     pub fn check_model(&self, reference: &str, kind: ModelKind) -> Result<ResolvedModel> {
-        let model = self.ckpts()?.check(reference, Some(kind))?;
-        ensure_fits(reference, model.weight_bytes, available_bytes())?;
-        Ok(model)
+        self.ckpts()?.check(reference, Some(kind))
+    }
+
+    /// Admits the phases `model` is about to be loaded for, or refuses them
+    /// (see [`crate::admission`]): call it before loading the model.
+    pub fn admit(
+        &mut self,
+        model: &ResolvedModel,
+        phases: &[PhaseNeed],
+        on_gpu: bool,
+    ) -> std::result::Result<(), Refusal> {
+        self.admission.check(&model.reference, phases, on_gpu)
     }
 
     /// A keyframe path (relative to the inputs volume), checked to stay inside it.
@@ -118,32 +128,13 @@ impl StageCtx<'_> {
 
 /// `rel` inside the inputs volume, refusing `..`, absolute paths and symlinks out of it.
 pub fn resolve_input(inputs: &Path, rel: &str) -> Result<PathBuf> {
-    if let Err(why) = check_relative_path(rel) {
-        bail!("input {rel:?} {why}; inputs are relative to the inputs volume");
-    }
-    let root = std::fs::canonicalize(inputs)
-        .with_context(|| format!("inputs folder {} does not exist", inputs.display()))?;
-    let path = root.join(rel);
-    let canonical = std::fs::canonicalize(&path)
-        .with_context(|| format!("input image {} does not exist", path.display()))?;
-    if !canonical.starts_with(&root) {
-        bail!(
-            "input {rel:?} resolves to {}, outside the inputs folder {}",
-            canonical.display(),
-            root.display()
-        );
-    }
-    Ok(canonical)
+    resolve_inside(inputs, "the inputs folder", rel)
 }
 
-/// Decodes an image (PNG or JPEG) and resizes it to cover `width`×`height`, centre-cropped.
+/// Decodes an image (PNG or JPEG, by content) and resizes it to cover
+/// `width`×`height`, centre-cropped.
 pub fn load_image_resized(path: &Path, width: u32, height: u32) -> Result<Frame> {
-    let img = image::ImageReader::open(path)
-        .with_context(|| format!("cannot open image {}", path.display()))?
-        .with_guessed_format()
-        .with_context(|| format!("cannot read image {}", path.display()))?
-        .decode()
-        .with_context(|| format!("image {} is corrupt or not a PNG/JPEG", path.display()))?;
+    let img = read_image(path)?;
     let resized = img.resize_to_fill(width, height, image::imageops::FilterType::Triangle);
     Ok(Frame {
         width,
@@ -160,78 +151,85 @@ pub struct StageOutcome {
     pub files: Vec<PathBuf>,
 }
 
-/// The job's output folder for a task, checked to stay inside the output volume.
-pub fn job_dir(task: &Task, output: &Path) -> Result<PathBuf> {
-    if !task.output_dir.is_empty()
-        && let Err(why) = check_relative_path(&task.output_dir)
-    {
-        bail!(
-            "task outputDir {:?} {why}; it is relative to the output volume",
-            task.output_dir
-        );
-    }
-    Ok(output.join(&task.output_dir))
-}
-
 fn check_task(task: &Task) -> Result<()> {
-    let plan = &task.plan;
-    if plan.segments.is_empty() {
-        bail!("the task's plan has no segments");
-    }
-    if plan.width == 0
-        || plan.height == 0
-        || !plan.width.is_multiple_of(2)
-        || !plan.height.is_multiple_of(2)
+    validate_plan(&task.plan).map_err(|e| anyhow::anyhow!("the task's plan is unusable: {e}"))?;
+    if let StepId::Segment(i) = task.step
+        && task.plan.segments.get(i as usize).is_none()
     {
         bail!(
-            "the task's plan has an unusable resolution {}x{}",
-            plan.width,
-            plan.height
+            "{} is not in the plan ({} segments)",
+            task.step,
+            task.plan.segments.len()
         );
-    }
-    if plan.fps == 0 {
-        bail!("the task's plan has fps 0");
-    }
-    if task.stage == Stage::Segment {
-        let i = task
-            .segment
-            .context("a segment task needs its segment index")?;
-        if plan.segments.get(i as usize).is_none() {
-            bail!(
-                "segment {i} is not in the plan ({} segments)",
-                plan.segments.len()
-            );
-        }
     }
     Ok(())
 }
 
-/// Runs one stage: probe, output checks, the stage itself, report files. Never
-/// panics on bad input: a failure comes back as a report with `ok: false`.
-pub fn run(task: &Task, mounts: &Mounts, progress: &dyn Progress) -> StageOutcome {
+/// The device a task asks for: its pod's GPU when the pod requested one (the
+/// first visible CUDA device), else the CPU.
+pub fn device_for(task: &Task) -> DeviceChoice {
+    if task.gpu {
+        DeviceChoice::Cuda(0)
+    } else {
+        DeviceChoice::Cpu
+    }
+}
+
+/// Whether the task runs a model (the VLM, a real video model), i.e. needs `device`.
+fn runs_a_model(task: &Task) -> bool {
+    match task.step {
+        StepId::Prompts => true,
+        StepId::Segment(_) => !task.plan.is_preview(),
+        StepId::Stitch => false,
+    }
+}
+
+/// Runs one stage on `device` ([`device_for`] in a pod; local mode may
+/// override it): probe, output checks, the stage itself, report files. A
+/// stage that runs a model fails at once when `device` cannot be used (a GPU
+/// task on a runner built without CUDA, no visible GPU, an old driver), before
+/// anything is loaded. Never panics on bad input: a failure comes back as a
+/// report with `ok: false`.
+pub fn run(
+    task: &Task,
+    mounts: &Mounts,
+    device: DeviceChoice,
+    progress: &dyn Progress,
+) -> StageOutcome {
+    let _span = tracing::info_span!("stage", job = %task.job, step = %task.step).entered();
     let mut probe = Probe::new();
-    let preview = task.stage == Stage::Segment && task.plan.is_preview();
     let mut base = RunReport {
-        stage: task.stage,
-        segment: task.segment,
-        model: match task.stage {
-            Stage::Prompts => task
+        step: task.step,
+        model: match task.step {
+            StepId::Prompts => task
                 .plan
                 .vlm
                 .as_ref()
                 .map(|v| v.model.clone())
                 .unwrap_or_default(),
             // The stitch uses no model; it stitches the video model's segments.
-            Stage::Segment | Stage::Stitch => task.plan.video_model.clone(),
+            StepId::Segment(_) | StepId::Stitch => task.plan.video_model.clone(),
         },
-        preview: preview || (task.stage == Stage::Stitch && task.plan.video_model == PREVIEW_MODEL),
+        preview: task.step != StepId::Prompts && task.plan.is_preview(),
         ..Default::default()
     };
     let mut dir_ok = None;
+    let mut admission = Admission::new(task.memory_limit_bytes);
     let result = (|| -> Result<RunReport> {
         check_task(task)?;
-        let dir = job_dir(task, &mounts.output)?;
-        ensure_writable_dir(&dir)?;
+        let device = if runs_a_model(task) {
+            let device = device
+                .resolve()
+                .with_context(|| format!("cannot run the models on {device}"))?;
+            base.device = Some(device_label(&device));
+            probe.watch_device(&device);
+            admission.watch_device(&device);
+            device
+        } else {
+            Device::Cpu
+        };
+        check_disjoint(&mounts.output, &mounts.ckpts)?;
+        let dir = job_dir(&mounts.output, &task.output_dir)?;
         dir_ok = Some(dir.clone());
         let mut ctx = StageCtx {
             task,
@@ -239,9 +237,11 @@ pub fn run(task: &Task, mounts: &Mounts, progress: &dyn Progress) -> StageOutcom
             job_dir: dir,
             probe: &mut probe,
             progress,
+            device,
+            admission: &mut admission,
         };
-        match task.stage {
-            Stage::Prompts => {
+        match task.step {
+            StepId::Prompts => {
                 // A rerun must not leave an older version's prompts marked current.
                 let marker = ctx.job_file(PROMPTS_PLAN_FILE);
                 if marker.exists() {
@@ -252,8 +252,8 @@ pub fn run(task: &Task, mounts: &Mounts, progress: &dyn Progress) -> StageOutcom
                 crate::fsutil::write_atomic(&marker, plan_fingerprint(&task.plan).as_bytes())?;
                 Ok(report)
             }
-            Stage::Segment => segment::run(&mut ctx, base.clone()),
-            Stage::Stitch => stitch::run(&mut ctx, base.clone()),
+            StepId::Segment(i) => segment::run(&mut ctx, i, base.clone()),
+            StepId::Stitch => stitch::run(&mut ctx, base.clone()),
         }
     })();
     let mut report = match result {
@@ -264,6 +264,7 @@ pub fn run(task: &Task, mounts: &Mounts, progress: &dyn Progress) -> StageOutcom
             base
         }
     };
+    report.admission = admission.into_reports();
     let record = probe.finish();
     fill_from_probe(&mut report, &record);
     let (files, problems) = write_outputs(&report, &record, dir_ok.as_deref());

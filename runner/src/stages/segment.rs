@@ -1,10 +1,13 @@
 //! The segment stage: one segment's video from its two keyframes (and, in
-//! chained mode, the previous segment's tail frames), by the built-in preview
-//! or by Wan2.1. Writes `segment-<i>.mp4` and, when the next segment is
-//! chained to it, `segment-<i>.tail.safetensors`.
+//! chained mode, the previous segment's tail frames, which become its first
+//! frames as they are), by the built-in preview or by Wan2.1. Writes
+//! `segment-<i>.mp4` and, when the next segment is chained to it,
+//! `segment-<i>.tail.safetensors`; a chained segment's report carries digests
+//! of both seams, so continuity can be checked without decoding video.
 
 use anyhow::{Context, Result, bail};
-use kubewan_crds::report::{PromptOutcome, RunReport};
+use kubewan_crds::StepId;
+use kubewan_crds::report::{ChainReport, PromptOutcome, RunReport};
 
 use super::prompts::PromptsFile;
 use super::segment_wan::{self, WanSegmentJob};
@@ -12,30 +15,31 @@ use super::{
     PROMPTS_FILE, PROMPTS_PLAN_FILE, StageCtx, plan_fingerprint, segment_tail, segment_video,
 };
 use crate::ckpts::ModelKind;
+use crate::fsutil::read_text_bounded;
 use crate::preview;
 use crate::probe::phases;
-use crate::video::frames::{read_frames_safetensors, write_frames_safetensors};
+use crate::video::frames::{
+    FramesShape, frames_digest, read_frames_safetensors, write_frames_safetensors,
+};
 use crate::video::{Frame, Mp4Writer};
 
-pub fn run(ctx: &mut StageCtx<'_>, mut report: RunReport) -> Result<RunReport> {
+/// Generates segment `i`.
+pub fn run(ctx: &mut StageCtx<'_>, i: u32, mut report: RunReport) -> Result<RunReport> {
     let plan = ctx.plan().clone();
-    let i = ctx
-        .task
-        .segment
-        .context("a segment task needs its segment index")?;
+    let step = StepId::Segment(i);
     let seg = plan
         .segments
         .get(i as usize)
-        .with_context(|| format!("segment {i} is not in the plan"))?
+        .with_context(|| format!("{step} is not in the plan"))?
         .clone();
 
     // The prompt: written by the prompts stage for this very plan, else the segment's own.
     let written = if plan.vlm.is_some() {
-        let marker = std::fs::read_to_string(ctx.job_file(PROMPTS_PLAN_FILE)).unwrap_or_default();
+        let marker = read_text_bounded(&ctx.job_file(PROMPTS_PLAN_FILE), 1024).unwrap_or_default();
         let file = PromptsFile::read(&ctx.job_dir)?;
         if file.is_some() && marker.trim() != plan_fingerprint(&plan) {
             report.warnings.push(format!(
-                "{PROMPTS_FILE} was not written for this version of the job; segment {i} uses its own prompt"
+                "{PROMPTS_FILE} was not written for this version of the job; {step} uses its own prompt"
             ));
             None
         } else {
@@ -50,8 +54,7 @@ pub fn run(ctx: &mut StageCtx<'_>, mut report: RunReport) -> Result<RunReport> {
         .unwrap_or_else(|| PromptOutcome {
             segment: i,
             prompt: seg.prompt.clone(),
-            fell_back: false,
-            reason: None,
+            ..Default::default()
         });
 
     // Chained mode: the previous segment's last frames guide this one.
@@ -59,28 +62,19 @@ pub fn run(ctx: &mut StageCtx<'_>, mut report: RunReport) -> Result<RunReport> {
         let path = ctx.job_file(&segment_tail(i - 1));
         if !path.exists() {
             bail!(
-                "segment {i} is chained to segment {} but its tail frames {} are missing (chained segments run in order)",
-                i - 1,
+                "{step} is chained to {} but its tail frames {} are missing (chained segments run in order)",
+                StepId::Segment(i - 1),
                 path.display()
             );
         }
-        let frames = read_frames_safetensors(&path)?;
-        if frames.len() != seg.overlap_before as usize
-            || frames
-                .iter()
-                .any(|f| (f.width, f.height) != (plan.width, plan.height))
-        {
-            bail!(
-                "{} holds {} frames of {}x{}, segment {i} needs {} of {}x{}",
-                path.display(),
-                frames.len(),
-                frames.first().map(|f| f.width).unwrap_or(0),
-                frames.first().map(|f| f.height).unwrap_or(0),
-                seg.overlap_before,
-                plan.width,
-                plan.height
-            );
-        }
+        let expect = FramesShape {
+            count: seg.overlap_before,
+            width: plan.width,
+            height: plan.height,
+        };
+        let frames = read_frames_safetensors(&path, expect).with_context(|| {
+            format!("{step} cannot use the tail frames of the previous segment")
+        })?;
         Some(frames)
     } else {
         None
@@ -95,12 +89,15 @@ pub fn run(ctx: &mut StageCtx<'_>, mut report: RunReport) -> Result<RunReport> {
     };
 
     let progress = ctx.progress;
-    let frames: Vec<Frame> = if plan.is_preview() {
+    let mut frames: Vec<Frame> = if plan.is_preview() {
         ctx.probe.begin(phases::VIDEO_LOAD);
         let start = ctx.load_keyframe(&seg.start_keyframe)?;
         let end = ctx.load_keyframe(&seg.end_keyframe)?;
         ctx.probe.begin(preview::PREVIEW_PHASE);
-        progress.start(&format!("segment {i} (preview)"), seg.frames as u64);
+        progress.start(
+            &format!("{step} by {}", report.model_label()),
+            seg.frames as u64,
+        );
         let out = preview::generate(&start, &end, seg.frames, guide.as_deref(), || {
             progress.inc(1)
         })?;
@@ -108,8 +105,7 @@ pub fn run(ctx: &mut StageCtx<'_>, mut report: RunReport) -> Result<RunReport> {
         out
     } else {
         let model = ctx.check_model(&plan.video_model, ModelKind::Wan)?;
-        let start_image = ctx.keyframe_path(&seg.start_keyframe)?;
-        let end_image = ctx.keyframe_path(&seg.end_keyframe)?;
+        let loras = segment_wan::resolve_loras(&ctx.ckpts()?, &plan.loras)?;
         let start = ctx.load_keyframe(&seg.start_keyframe)?;
         let end = ctx.load_keyframe(&seg.end_keyframe)?;
         let job = WanSegmentJob {
@@ -117,8 +113,6 @@ pub fn run(ctx: &mut StageCtx<'_>, mut report: RunReport) -> Result<RunReport> {
             model: &model,
             prompt: &used.prompt,
             negative_prompt: plan.negative_prompt.as_deref(),
-            start_image,
-            end_image,
             start: &start,
             end: &end,
             guide: guide.as_deref(),
@@ -127,47 +121,74 @@ pub fn run(ctx: &mut StageCtx<'_>, mut report: RunReport) -> Result<RunReport> {
             height: plan.height,
             steps: plan.steps,
             guidance_scale: plan.guidance_scale,
+            guidance_scale_2: plan.guidance_scale_2,
+            scheduler: plan.scheduler,
             flow_shift: plan.flow_shift,
             seed: plan.seed,
             dtype: plan.dtype,
+            loras: &loras,
+            lora_labels: segment_wan::lora_labels(&plan.loras),
         };
         let out = segment_wan::generate(ctx, &job)?;
         ctx.probe.end();
-        out
+        report.generation = Some(out.generation);
+        report.warnings.extend(out.warnings);
+        out.frames
     };
-    drop(guide);
     if frames.len() != seg.frames as usize {
         bail!(
-            "the model produced {} frames, segment {i} needs {}",
+            "the model produced {} frames, {step} needs {}",
             frames.len(),
             seg.frames
         );
+    }
+    // Chained mode: the overlap IS the previous segment's tail. The model was
+    // conditioned on those frames but reproduces them only approximately (a
+    // VAE round trip, the model's own error); they are known, so they are
+    // written as they are and the chain has no seam where it starts.
+    let head_frames = guide.as_ref().map_or(0, |g| g.len());
+    if let Some(g) = guide {
+        frames.splice(..g.len(), g);
     }
 
     ctx.probe.begin(phases::ENCODE);
     let name = segment_video(i);
     let mut writer = Mp4Writer::create(&ctx.job_file(&name), plan.width, plan.height, plan.fps)?;
-    progress.start(&format!("segment {i} encode"), frames.len() as u64);
+    progress.start(&format!("{step} encode"), frames.len() as u64);
     for f in &frames {
         writer.write(f)?;
         progress.inc(1);
     }
     let written_frames = writer.finish()?;
-    if let Some(n) = keep_tail {
-        let tail = &frames[frames.len() - n as usize..];
+    let tail = keep_tail.map(|n| &frames[frames.len() - n as usize..]);
+    if let Some(tail) = tail {
         write_frames_safetensors(&ctx.job_file(&segment_tail(i)), tail)?;
     }
     ctx.probe.end();
+    if plan.chain {
+        report.chain = Some(chain_report(&frames[..head_frames], tail));
+    }
 
     report.ok = true;
     report.output = Some(name);
     report.frames = Some(written_frames);
     report.message = Some(format!(
-        "segment {i}: {written_frames} frames {}x{}{}",
+        "{step}: {written_frames} frames {}x{} by {}",
         plan.width,
         plan.height,
-        if plan.is_preview() { " (preview)" } else { "" }
+        report.model_label()
     ));
     report.prompts = vec![used];
     Ok(report)
+}
+
+/// The seams of a chained segment: its first frames (the previous tail) and
+/// the tail it hands on, as digests of their pixels.
+fn chain_report(head: &[Frame], tail: Option<&[Frame]>) -> ChainReport {
+    ChainReport {
+        head_frames: head.len() as u32,
+        head_digest: (!head.is_empty()).then(|| frames_digest(head)),
+        tail_frames: tail.map_or(0, |t| t.len() as u32),
+        tail_digest: tail.map(frames_digest),
+    }
 }

@@ -46,10 +46,10 @@ pub fn run(ctx: &mut StageCtx<'_>, mut report: RunReport) -> Result<RunReport> {
     report.output = Some(FINAL_VIDEO.into());
     report.frames = Some(frames);
     report.message = Some(format!(
-        "{frames} frames ({:.1}s at {} fps){}",
+        "{frames} frames ({:.1}s at {} fps) by {}",
         frames as f64 / plan.fps as f64,
         plan.fps,
-        if report.preview { " (preview)" } else { "" }
+        report.model_label()
     ));
     Ok(report)
 }

@@ -4,11 +4,14 @@
 //! straight into the `mdat` box of the output file and keeps only their sizes
 //! (4 bytes a frame), writing the `moov` index at the end. Memory is one frame
 //! plus the encoder, whatever the video's length. The file is written under a
-//! temporary name and renamed by [`Mp4Writer::finish`], so an interrupted write
-//! never leaves a finished-looking MP4.
+//! temporary name ([`PartialFile`]) and renamed by [`Mp4Writer::finish`], so
+//! an interrupted or failed write never leaves a finished-looking MP4 or a
+//! temporary behind.
 //!
-//! Reading: re_mp4 parses the boxes (skipping `mdat`), each sample is read from
-//! the file on demand and decoded by openh264.
+//! Reading: our defensive demuxer ([`super::demux`]) reads the index (any
+//! input gives an index or an error, never a panic or a hang), each sample is
+//! read from the file on demand and decoded by openh264; a decoded picture of
+//! another size than the index says is refused before it is converted.
 
 use std::collections::VecDeque;
 use std::fs::File;
@@ -21,8 +24,13 @@ use openh264::decoder::Decoder;
 use openh264::encoder::{BitRate, Encoder, EncoderConfig, FrameRate, QpRange, RateControlMode};
 use openh264::formats::{RgbSliceU8, YUVBuffer, YUVSource};
 
+use super::demux::read_index;
 use super::frames::Frame;
-use crate::fsutil::partial_path;
+use crate::fsutil::{PartialFile, open_regular};
+use kubewan_crds::limits::MAX_FRAME_PIXELS;
+
+/// The largest compressed frame read (a 1080p intra frame is about 1 MB).
+const MAX_SAMPLE_BYTES: u32 = 64 << 20;
 
 /// Quantiser range: visually clean, files a few KiB a frame at preview sizes.
 const QP_MIN: u8 = 18;
@@ -34,8 +42,7 @@ const NAL_PPS: u8 = 8;
 /// Streams RGB frames into an H.264 MP4 file.
 pub struct Mp4Writer {
     path: PathBuf,
-    tmp: PathBuf,
-    out: Option<BufWriter<File>>,
+    out: BufWriter<PartialFile>,
     encoder: Encoder,
     width: u32,
     height: u32,
@@ -127,9 +134,7 @@ impl Mp4Writer {
             .qp(QpRange::new(QP_MIN, QP_MAX));
         let encoder = Encoder::with_api_config(OpenH264API::from_source(), config)
             .map_err(|e| anyhow::anyhow!("cannot start the H.264 encoder: {e}"))?;
-        let tmp = partial_path(path);
-        let file =
-            File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+        let file = PartialFile::create(path)?;
         let mut out = BufWriter::with_capacity(1 << 20, file);
         let mut ftyp = Vec::new();
         ftyp.extend_from_slice(b"isom");
@@ -138,18 +143,19 @@ impl Mp4Writer {
             ftyp.extend_from_slice(brand);
         }
         let ftyp = mp4_box(b"ftyp", &ftyp);
-        out.write_all(&ftyp)?;
+        out.write_all(&ftyp)
+            .with_context(|| format!("cannot write {}", path.display()))?;
         // mdat with a 64-bit size, patched by finish().
         let mdat_header_at = ftyp.len() as u64;
         let mut mdat = Vec::new();
         be32(&mut mdat, 1);
         mdat.extend_from_slice(b"mdat");
         be64(&mut mdat, 0);
-        out.write_all(&mdat)?;
+        out.write_all(&mdat)
+            .with_context(|| format!("cannot write {}", path.display()))?;
         Ok(Mp4Writer {
             path: path.to_owned(),
-            tmp,
-            out: Some(out),
+            out,
             encoder,
             width,
             height,
@@ -225,9 +231,9 @@ impl Mp4Writer {
         if self.sample.is_empty() {
             bail!("the H.264 encoder produced no picture for frame {index}");
         }
-        let out = self.out.as_mut().context("writer already finished")?;
-        out.write_all(&self.sample)
-            .with_context(|| format!("cannot write {}", self.tmp.display()))?;
+        self.out
+            .write_all(&self.sample)
+            .with_context(|| format!("cannot write {}", self.path.display()))?;
         self.mdat_bytes += self.sample.len() as u64;
         self.sizes.push(self.sample.len() as u32);
         if is_sync {
@@ -376,42 +382,32 @@ impl Mp4Writer {
         Ok(mp4_box(b"moov", &[mvhd, trak].concat()))
     }
 
-    /// Writes the index, syncs, and renames the file into place. Returns the frame count.
-    pub fn finish(mut self) -> Result<u32> {
+    /// Writes the index, syncs, and renames the file into place. Returns the
+    /// frame count. On any error the temporary file is removed.
+    pub fn finish(self) -> Result<u32> {
         if self.sizes.is_empty() {
             bail!("no frames were written to {}", self.path.display());
         }
         let moov = self.moov()?;
-        let mut out = self.out.take().context("writer already finished")?;
-        out.write_all(&moov)?;
+        let cannot_write = || format!("cannot write {}", self.path.display());
+        let mut out = self.out;
+        out.write_all(&moov).with_context(cannot_write)?;
         let mut file = out
             .into_inner()
-            .map_err(|e| anyhow::anyhow!("cannot write {}: {}", self.tmp.display(), e.error()))?;
-        file.seek(SeekFrom::Start(self.mdat_header_at + 8))?;
-        file.write_all(&self.mdat_bytes.to_be_bytes())?;
-        file.sync_all()
-            .with_context(|| format!("cannot write {}", self.tmp.display()))?;
-        drop(file);
-        std::fs::rename(&self.tmp, &self.path)
-            .with_context(|| format!("cannot move {} into place", self.path.display()))?;
+            .map_err(|e| anyhow::anyhow!("cannot write {}: {}", self.path.display(), e.error()))?;
+        file.seek(SeekFrom::Start(self.mdat_header_at + 8))
+            .and_then(|_| file.write_all(&self.mdat_bytes.to_be_bytes()))
+            .with_context(cannot_write)?;
+        file.commit()?;
         Ok(self.sizes.len() as u32)
     }
 }
 
-impl Drop for Mp4Writer {
-    fn drop(&mut self) {
-        // Not finished: remove the partial file.
-        if self.out.take().is_some() {
-            let _ = std::fs::remove_file(&self.tmp);
-        }
-    }
-}
-
 /// Decodes the frames of an H.264 MP4 one at a time.
-pub struct Mp4Reader {
-    path: PathBuf,
-    file: BufReader<File>,
-    samples: Vec<(u64, u64)>,
+pub struct Mp4Reader<R = BufReader<File>> {
+    name: String,
+    file: R,
+    samples: Vec<(u64, u32)>,
     next: usize,
     decoder: Decoder,
     pub width: u32,
@@ -425,62 +421,55 @@ pub struct Mp4Reader {
 }
 
 impl Mp4Reader {
+    /// Opens the regular file `path` (a FIFO or device is refused).
     pub fn open(path: &Path) -> Result<Mp4Reader> {
-        let file =
-            File::open(path).with_context(|| format!("cannot open video {}", path.display()))?;
+        let file = open_regular(path).context("cannot open the video")?;
         let size = file.metadata()?.len();
-        let mut reader = BufReader::new(file);
-        let mp4 = re_mp4::Mp4::read(&mut reader, size)
-            .map_err(|e| anyhow::anyhow!("{} is not a readable MP4: {e}", path.display()))?;
-        let track = mp4
-            .tracks()
-            .values()
-            .find(|t| t.kind == Some(re_mp4::TrackKind::Video))
-            .with_context(|| format!("{} has no video track", path.display()))?;
-        let stsd = &track.trak(&mp4).mdia.minf.stbl.stsd;
-        let re_mp4::StsdBoxContent::Avc1(avc1) = &stsd.contents else {
-            bail!("{}: the video track is not H.264 (avc1)", path.display());
-        };
-        let mut prefix = Vec::new();
-        for nal in avc1
-            .avcc
-            .sequence_parameter_sets
-            .iter()
-            .chain(&avc1.avcc.picture_parameter_sets)
+        Mp4Reader::from_reader(BufReader::new(file), size, &path.display().to_string())
+    }
+}
+
+impl<R: Read + Seek> Mp4Reader<R> {
+    /// Reads the index of an MP4 of `size` bytes from `file` (`name` names it in errors).
+    pub fn from_reader(mut file: R, size: u64, name: &str) -> Result<Mp4Reader<R>> {
+        let index = read_index(&mut file, size)
+            .map_err(|e| anyhow::anyhow!("{name} is not a readable MP4: {e}"))?;
+        if index.width == 0
+            || index.height == 0
+            || u64::from(index.width) * u64::from(index.height) > MAX_FRAME_PIXELS
         {
+            bail!(
+                "{name}: the video is {}x{}; at most {MAX_FRAME_PIXELS} pixels a frame are read",
+                index.width,
+                index.height
+            );
+        }
+        if let Some(&(_, len)) = index.samples.iter().find(|s| s.1 > MAX_SAMPLE_BYTES) {
+            bail!("{name}: a frame of {len} bytes is more than the {MAX_SAMPLE_BYTES} read");
+        }
+        let mut prefix = Vec::new();
+        for nal in &index.parameter_sets {
             prefix.extend_from_slice(&[0, 0, 0, 1]);
-            prefix.extend_from_slice(&nal.bytes);
+            prefix.extend_from_slice(nal);
         }
-        let length_size = avc1.avcc.length_size_minus_one as usize + 1;
-        let samples: Vec<(u64, u64)> = track.samples.iter().map(|s| (s.offset, s.size)).collect();
-        for &(offset, len) in &samples {
-            if offset + len > size {
-                bail!(
-                    "{} is truncated: a frame lies beyond its end ({} bytes)",
-                    path.display(),
-                    size
-                );
-            }
-        }
-        let timescale = track.timescale.max(1) as f64;
-        let fps = if track.duration > 0 && !samples.is_empty() {
-            samples.len() as f64 * timescale / track.duration as f64
+        let fps = if index.duration > 0 && !index.samples.is_empty() {
+            index.samples.len() as f64 * f64::from(index.timescale.max(1)) / index.duration as f64
         } else {
             0.0
         };
         let decoder =
             Decoder::new().map_err(|e| anyhow::anyhow!("cannot start the H.264 decoder: {e}"))?;
         Ok(Mp4Reader {
-            path: path.to_owned(),
-            file: reader,
-            samples,
+            name: name.to_owned(),
+            file,
+            samples: index.samples,
             next: 0,
             decoder,
-            width: u32::from(track.width),
-            height: u32::from(track.height),
+            width: index.width,
+            height: index.height,
             fps,
             prefix,
-            length_size,
+            length_size: index.length_size,
             pending: VecDeque::new(),
             flushed: false,
             packet: Vec::new(),
@@ -492,15 +481,23 @@ impl Mp4Reader {
         self.samples.len()
     }
 
-    fn to_frame(yuv: &openh264::decoder::DecodedYUV<'_>) -> Frame {
+    /// The decoded picture as RGB, refused when it is not the size the index gives.
+    fn to_frame(
+        name: &str,
+        (width, height): (u32, u32),
+        yuv: &openh264::decoder::DecodedYUV<'_>,
+    ) -> Result<Frame> {
         let (w, h) = yuv.dimensions();
+        if (w as u64, h as u64) != (u64::from(width), u64::from(height)) {
+            bail!("{name}: a frame decodes to {w}x{h}, the video says {width}x{height}");
+        }
         let mut rgb = vec![0; w * h * 3];
         yuv.write_rgb8(&mut rgb);
-        Frame {
+        Ok(Frame {
             width: w as u32,
             height: h as u32,
             rgb,
-        }
+        })
     }
 
     /// The next decoded frame, or None after the last.
@@ -512,12 +509,15 @@ impl Mp4Reader {
             if self.next >= self.samples.len() {
                 if !self.flushed {
                     self.flushed = true;
-                    let rest = self.decoder.flush_remaining().map_err(|e| {
-                        anyhow::anyhow!("{}: decoding failed: {e}", self.path.display())
-                    })?;
+                    let rest = self
+                        .decoder
+                        .flush_remaining()
+                        .map_err(|e| anyhow::anyhow!("{}: decoding failed: {e}", self.name))?;
+                    let mut frames = Vec::with_capacity(rest.len());
                     for yuv in &rest {
-                        self.pending.push_back(Self::to_frame(yuv));
+                        frames.push(Self::to_frame(&self.name, (self.width, self.height), yuv)?);
                     }
+                    self.pending.extend(frames);
                     continue;
                 }
                 return Ok(None);
@@ -529,7 +529,7 @@ impl Mp4Reader {
             self.file.seek(SeekFrom::Start(offset))?;
             self.file
                 .read_exact(&mut data)
-                .with_context(|| format!("{}: cannot read frame {index}", self.path.display()))?;
+                .with_context(|| format!("{}: cannot read frame {index}", self.name))?;
             self.packet.clear();
             if index == 0 {
                 self.packet.extend_from_slice(&self.prefix);
@@ -542,20 +542,17 @@ impl Mp4Reader {
                 }
                 pos += self.length_size;
                 if pos + n > data.len() {
-                    bail!("{}: frame {index} is corrupt", self.path.display());
+                    bail!("{}: frame {index} is corrupt", self.name);
                 }
                 self.packet.extend_from_slice(&[0, 0, 0, 1]);
                 self.packet.extend_from_slice(&data[pos..pos + n]);
                 pos += n;
             }
             let decoded = self.decoder.decode(&self.packet).map_err(|e| {
-                anyhow::anyhow!(
-                    "{}: frame {index} does not decode: {e}",
-                    self.path.display()
-                )
+                anyhow::anyhow!("{}: frame {index} does not decode: {e}", self.name)
             })?;
             if let Some(yuv) = decoded {
-                let frame = Self::to_frame(&yuv);
+                let frame = Self::to_frame(&self.name, (self.width, self.height), &yuv)?;
                 self.pending.push_back(frame);
             }
         }

@@ -4,8 +4,8 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use kubewan_crds::task::{Stage, Task};
-use kubewan_crds::{Plan, TravelJobSpec};
+use kubewan_crds::task::Task;
+use kubewan_crds::{Plan, StepId, TravelJob, TravelJobSpec, TravelJobStatus};
 
 pub fn runner() -> Command {
     Command::new(env!("CARGO_BIN_EXE_kubewan-runner"))
@@ -28,13 +28,15 @@ pub fn plan(spec_yaml: &str) -> Plan {
     Plan::from_spec(&spec)
 }
 
-pub fn task(plan: &Plan, stage: Stage, segment: Option<u32>) -> Task {
+/// The task of `step` of job `default/t`.
+pub fn task(plan: &Plan, step: StepId) -> Task {
     Task {
         job: "default/t".into(),
-        stage,
-        segment,
+        step,
+        gpu: false,
         plan: plan.clone(),
         output_dir: "default/t".into(),
+        memory_limit_bytes: None,
     }
 }
 
@@ -128,4 +130,127 @@ pub fn no_videos(dir: &Path) -> bool {
         let name = p.file_name().unwrap().to_string_lossy().into_owned();
         !(name.ends_with(".mp4") || name.ends_with(".partial"))
     })
+}
+
+/// What `kubewan-runner local` prints on stdout.
+#[derive(serde::Deserialize)]
+pub struct Printed {
+    pub status: TravelJobStatus,
+}
+
+/// A local run's outcome: the process output and the status it printed.
+pub struct LocalRun {
+    pub output: Output,
+    pub status: TravelJobStatus,
+    /// The job's output folder.
+    pub job_dir: PathBuf,
+}
+
+/// Writes `job` to `work/job.yaml` and runs it with [`run_local`]: tiny
+/// checkpoints in `work/ckpts`, outputs in `work/out`.
+pub fn run_job(work: &Path, job: &TravelJob, inputs: &Path) -> LocalRun {
+    let path = work.join("job.yaml");
+    std::fs::write(&path, serde_saphyr::to_string(job).unwrap()).unwrap();
+    run_local(&path, &work.join("ckpts"), inputs, &work.join("out"))
+}
+
+/// The repository's examples folder: the example's inputs.
+pub fn examples() -> PathBuf {
+    repo_root().join("examples")
+}
+
+/// Runs `kubewan-runner local JOB --quiet` with the checkpoint root `ckpts`
+/// (tiny checkpoints written there first), inputs `inputs` and output `out`.
+pub fn run_local(job: &Path, ckpts: &Path, inputs: &Path, out: &Path) -> LocalRun {
+    let output = runner()
+        .arg("local")
+        .arg(job)
+        .arg("--ckpts")
+        .arg(ckpts)
+        .arg("--inputs")
+        .arg(inputs)
+        .arg("--out")
+        .arg(out)
+        .arg("--tiny-ckpts")
+        .arg("--quiet")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let status = serde_saphyr::from_str::<Printed>(&stdout)
+        .unwrap_or_else(|e| panic!("the printed status does not parse: {e}\n{}", text(&output)))
+        .status;
+    let job = kubewan_runner::local::load_job(job).unwrap();
+    LocalRun {
+        job_dir: out.join(job.output_dir()),
+        output,
+        status,
+    }
+}
+
+/// (frames, width, height, codec) of a video as ffprobe, an independent
+/// decoder, counts them.
+pub fn ffprobe(path: &Path) -> (u64, u64, u64, String) {
+    let out = Command::new("ffprobe")
+        .args([
+            "-v",
+            "error",
+            "-count_frames",
+            "-select_streams",
+            "v:0",
+            "-show_entries",
+            "stream=codec_name,width,height,nb_read_frames",
+            "-of",
+            "json",
+        ])
+        .arg(path)
+        .output()
+        .unwrap_or_else(|e| {
+            panic!(
+                "ffprobe is needed to check the video independently ({e}); install it with `apt-get install -y ffmpeg`"
+            )
+        });
+    assert!(
+        out.status.success(),
+        "ffprobe rejects {}: {}",
+        path.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let s = &v["streams"][0];
+    let num = |k: &str| {
+        s[k].as_u64()
+            .or_else(|| s[k].as_str().and_then(|t| t.parse().ok()))
+            .unwrap_or_else(|| panic!("ffprobe gave no {k}: {v}"))
+    };
+    (
+        num("nb_read_frames"),
+        num("width"),
+        num("height"),
+        s["codec_name"].as_str().unwrap_or("").to_owned(),
+    )
+}
+
+/// Every frame of a video as RGB8 bytes, decoded by ffmpeg.
+pub fn ffmpeg_frames(path: &Path, width: u32, height: u32) -> Vec<Vec<u8>> {
+    let out = Command::new("ffmpeg")
+        .args(["-v", "error", "-i"])
+        .arg(path)
+        .args(["-f", "rawvideo", "-pix_fmt", "rgb24", "-"])
+        .output()
+        .expect("ffmpeg decodes the videos independently (apt-get install -y ffmpeg)");
+    assert!(out.status.success(), "ffmpeg rejects {}", path.display());
+    out.stdout
+        .chunks(width as usize * height as usize * 3)
+        .map(<[u8]>::to_vec)
+        .collect()
+}
+
+/// Mean absolute difference of two RGB8 frames, in levels of 0..255.
+pub fn mean_abs_diff(a: &[u8], b: &[u8]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| x.abs_diff(*y) as f64)
+        .sum::<f64>()
+        / a.len() as f64
 }

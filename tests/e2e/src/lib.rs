@@ -1,8 +1,8 @@
-//! Helpers of kubewan's end-to-end tests. They run against the real test
-//! control plane (`tests/k8s/cluster.sh up`: etcd, kube-apiserver,
-//! controller-manager, scheduler and the test kubelet), with the chart
-//! installed and the operator running under the chart's ServiceAccount
-//! (`tests/e2e/run.sh` sets all of that up). Without `KUBECONFIG` they fail.
+//! Helpers of kubewan's end-to-end tests. They run against the test cluster
+//! (`tests/k8s/cluster.sh up`: etcd, kube-apiserver, controller-manager,
+//! scheduler, and a kubelet over containerd), with the images loaded, the
+//! chart installed and its operator running in-cluster (`tests/e2e/run.sh`
+//! sets all of that up). Without `KUBECONFIG` they fail.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -14,10 +14,23 @@ use k8s_openapi::api::events::v1::Event;
 use kube::api::{Api, DeleteParams, ListParams, ObjectMeta, PostParams};
 use kube::{Client, ResourceExt};
 use kubewan_crds::TravelJob;
+use kubewan_crds::step::job_selector;
 
-/// The repository root.
+pub mod pipeline;
+pub use pipeline::*;
+
+/// The repository root: the workspace (with its Cargo.lock) above the test
+/// binary's package, found at run time (cargo sets CARGO_MANIFEST_DIR for
+/// test binaries), so a build cached from a checkout elsewhere never reads
+/// that checkout.
 pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+    let manifest_dir = std::env::var_os("CARGO_MANIFEST_DIR")
+        .expect("CARGO_MANIFEST_DIR is not set: run these tests with cargo test");
+    Path::new(&manifest_dir)
+        .ancestors()
+        .find(|dir| dir.join("Cargo.lock").is_file())
+        .expect("a workspace with a Cargo.lock above CARGO_MANIFEST_DIR")
+        .to_path_buf()
 }
 
 /// Fails (never skips) when the cluster is not set up.
@@ -39,10 +52,11 @@ pub async fn client() -> Client {
         .expect("a client from KUBECONFIG (is the cluster up? tests/k8s/cluster.sh up)")
 }
 
-/// `<host root>`: where the test kubelet maps hostPath volumes (P → <root>/P).
+/// `<host root>`: the node's `/var/lib/kubewan` is `<host root>/var/lib/kubewan`
+/// (hostPath volumes there, e.g. the example job's).
 pub fn host_root() -> PathBuf {
     PathBuf::from(std::env::var("KUBEWAN_HOST_ROOT").expect(
-        "KUBEWAN_HOST_ROOT is not set (tests/e2e/run.sh sets it to the test kubelet's host root)",
+        "KUBEWAN_HOST_ROOT is not set (tests/e2e/run.sh sets it: eval \"$(tests/k8s/cluster.sh env)\")",
     ))
 }
 
@@ -178,7 +192,7 @@ where
 pub async fn job_pods(client: &Client, ns: &str, job: &str) -> Result<Vec<Pod>> {
     let api: Api<Pod> = Api::namespaced(client.clone(), ns);
     Ok(api
-        .list(&ListParams::default().labels(&format!("kubewan.dev/job={job}")))
+        .list(&ListParams::default().labels(&job_selector(job)))
         .await?
         .items)
 }
@@ -195,24 +209,17 @@ pub async fn events_of(client: &Client, ns: &str, name: &str) -> Result<Vec<Even
         .collect())
 }
 
-/// Controls the operator process that tests/e2e/run.sh started
-/// (tests/e2e/operator.sh start|stop|kill|restart|status).
-pub fn operator(action: &str) -> Result<String> {
-    operator_with(action, &[])
-}
-
-/// [`operator`] with extra environment, e.g. `KUBEWAN_E2E_INSTANCE` and
-/// `KUBEWAN_E2E_METRICS_ADDR` for a second replica.
-pub fn operator_with(action: &str, env: &[(&str, &str)]) -> Result<String> {
+/// Runs `tests/e2e/operator.sh ARGS` (the in-cluster operator's controls:
+/// status, leader, kill, scale N); returns its stdout.
+pub fn operator(args: &[&str]) -> Result<String> {
     let script = repo_root().join("tests/e2e/operator.sh");
     let out = Command::new(&script)
-        .arg(action)
-        .envs(env.iter().copied())
+        .args(args)
         .output()
         .with_context(|| format!("running {}", script.display()))?;
     if !out.status.success() {
         bail!(
-            "operator.sh {action} failed: {}{}",
+            "operator.sh {args:?} failed: {}{}",
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
@@ -220,35 +227,73 @@ pub fn operator_with(action: &str, env: &[(&str, &str)]) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// GET http://<KUBEWAN_E2E_METRICS_ADDR><path> (the local operator's server).
-pub async fn http_get(path: &str) -> Result<(u16, String)> {
-    let addr =
-        std::env::var("KUBEWAN_E2E_METRICS_ADDR").unwrap_or_else(|_| "127.0.0.1:18080".into());
-    http_get_at(&addr, path).await
+/// The namespace and name prefix of the chart's release (tests/e2e/run.sh).
+pub const RELEASE_NS: &str = "kubewan-system";
+
+/// GET `path` (e.g. `/metrics`) of the operator's metrics Service, through the
+/// API server's service proxy: the Service must route to a Ready operator pod.
+pub fn operator_get(path: &str) -> Result<String> {
+    raw_get(&format!(
+        "/api/v1/namespaces/{RELEASE_NS}/services/kubewan-metrics:metrics/proxy{path}"
+    ))
 }
 
-/// GET http://<addr><path>.
-pub async fn http_get_at(addr: &str, path: &str) -> Result<(u16, String)> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(addr)
-        .await
-        .with_context(|| format!("connecting to the operator at {addr}"))?;
-    stream
-        .write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
-        .await?;
-    let mut buf = Vec::new();
-    stream.read_to_end(&mut buf).await?;
-    let text = String::from_utf8_lossy(&buf).into_owned();
-    let code = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .context("an HTTP status line")?;
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    Ok((code, body))
+/// The chart's default `metrics.port`.
+const METRICS_PORT: u16 = 8080;
+
+/// GET `path` of one operator pod's metrics port, through the API server's pod
+/// proxy (which, in v1.20, takes a port number, not a name).
+pub fn operator_pod_get(pod: &str, path: &str) -> Result<String> {
+    raw_get(&format!(
+        "/api/v1/namespaces/{RELEASE_NS}/pods/{pod}:{METRICS_PORT}/proxy{path}"
+    ))
+}
+
+/// `kubectl get --raw PATH`: the body of a successful GET, an error otherwise.
+fn raw_get(path: &str) -> Result<String> {
+    let out = kubectl(&["get", "--raw", path]);
+    if !out.status.success() {
+        bail!(
+            "GET {path}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The OCI runtime spec that the node's containerd holds for the (first)
+/// container of `pod` (`ctr containers info`): what the runtime really applied
+/// (user, read-only root, mounts, capabilities), not what the pod asked for.
+pub fn runtime_spec(pod: &Pod) -> Result<serde_json::Value> {
+    let id = pod
+        .status
+        .as_ref()
+        .and_then(|s| s.container_statuses.as_ref())
+        .and_then(|c| c.first())
+        .and_then(|c| c.container_id.clone())
+        .with_context(|| format!("pod {} has no container id", pod.name_any()))?;
+    let address = std::env::var("KUBEWAN_CONTAINERD_ADDRESS")
+        .context("KUBEWAN_CONTAINERD_ADDRESS is not set (tests/k8s/cluster.sh env)")?;
+    let out = Command::new("ctr")
+        .args([
+            "--address",
+            &address,
+            "--namespace",
+            "k8s.io",
+            "containers",
+            "info",
+        ])
+        .arg(id.trim_start_matches("containerd://"))
+        .output()
+        .context("running ctr (containerd)")?;
+    if !out.status.success() {
+        bail!(
+            "ctr containers info {id}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let info: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    Ok(info["Spec"].clone())
 }
 
 /// Checks that `path` is a playable MP4: ffprobe (when installed) must find an
@@ -303,4 +348,50 @@ pub async fn create_job(client: &Client, ns: &str, job: &TravelJob) -> Result<Tr
     job.metadata.uid = None;
     job.status = None;
     Ok(api.create(&PostParams::default(), &job).await?)
+}
+
+/// The model folders and keyframes of the test node (`/var/lib/kubewan/…`
+/// under the host root), for tests that add their own.
+pub fn node_path(rel: &str) -> PathBuf {
+    host_root().join("var/lib/kubewan").join(rel)
+}
+
+/// Waits until the job finished (Succeeded or Failed); returns it.
+pub async fn wait_finished(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    timeout: Duration,
+) -> Result<TravelJob> {
+    wait_job(client, ns, name, timeout, "finished", |j| {
+        j.status.as_ref().is_some_and(|s| s.phase.is_finished())
+    })
+    .await
+}
+
+/// Waits until the job finished and asserts it succeeded (the status says
+/// why not); returns it.
+pub async fn wait_succeeded(client: &Client, ns: &str, name: &str, timeout: Duration) -> TravelJob {
+    let job = wait_finished(client, ns, name, timeout).await.unwrap();
+    let status = job.status.clone().unwrap_or_default();
+    assert_eq!(
+        status.phase,
+        kubewan_crds::JobPhase::Succeeded,
+        "{ns}/{name} failed: {}",
+        serde_json::to_string_pretty(&status).unwrap_or_default()
+    );
+    job
+}
+
+/// `kubectl wait tj/NAME --for=condition=CONDITION` (up to 300 s), as a user
+/// waits on a job.
+pub fn kubectl_wait(ns: &str, name: &str, condition: &str) {
+    kubectl_ok(&[
+        "wait",
+        "-n",
+        ns,
+        &format!("tj/{name}"),
+        &format!("--for=condition={condition}"),
+        "--timeout=300s",
+    ]);
 }

@@ -163,3 +163,76 @@ async fn the_operator_fails_an_invalid_job_naming_every_problem() {
     let describe = kubectl_ok(&["describe", "tj", "-n", ns, "escape"]);
     assert!(describe.contains("InvalidSpec"), "{describe}");
 }
+
+/// A pod the API server cannot create for a reason that may pass (here a
+/// ResourceQuota of no pods: 403 Forbidden) is not a stuck job: the step's
+/// status and a warning event carry the server's reason, the job keeps
+/// trying, and once the quota is lifted it runs to the end.
+#[tokio::test]
+async fn a_pod_forbidden_by_a_quota_is_shown_and_created_once_the_quota_allows_it() {
+    let client = client().await;
+    let ns = "e2e-quota";
+    fresh_namespace(&client, ns).await.unwrap();
+    kubectl_ok(&["create", "quota", "no-pods", "-n", ns, "--hard=pods=0"]);
+    // Until the quota controller has written the quota's status, the
+    // admission plugin has no usage to check against and admits every pod.
+    wait_until(Duration::from_secs(60), "the quota's status", || async {
+        let hard = kubectl_ok(&[
+            "get",
+            "quota",
+            "no-pods",
+            "-n",
+            ns,
+            "-o",
+            "jsonpath={.status.hard.pods}",
+        ]);
+        Ok(hard.trim() == "0")
+    })
+    .await
+    .unwrap();
+    let mut job = example();
+    job.metadata.name = Some("quota".into());
+    job.spec.enhance_prompt.enabled = false;
+    job.spec.model.name = kubewan_crds::PREVIEW_MODEL.into();
+    create_job(&client, ns, &job).await.unwrap();
+
+    let segment_message = |j: &kubewan_crds::TravelJob| {
+        j.status
+            .as_ref()
+            .and_then(|s| s.step(kubewan_crds::StepId::Segment(0)))
+            .and_then(|s| s.message.clone())
+            .unwrap_or_default()
+    };
+    let waiting = wait_job(
+        &client,
+        ns,
+        "quota",
+        Duration::from_secs(120),
+        "the quota's refusal in the segment's status",
+        |j| segment_message(j).contains("could not be created"),
+    )
+    .await
+    .unwrap();
+    let message = segment_message(&waiting);
+    println!("segment 0: {message}");
+    assert!(
+        message.starts_with("pod quota-seg-0-1 could not be created: ")
+            && message.contains("forbidden")
+            && message.contains("trying again in 15s"),
+        "{message}"
+    );
+    let status = waiting.status.clone().unwrap();
+    assert!(!status.phase.is_finished(), "{status:?}");
+    assert!(job_pods(&client, ns, "quota").await.unwrap().is_empty());
+    let events = events_of(&client, ns, "quota").await.unwrap();
+    assert!(
+        events
+            .iter()
+            .any(|e| e.reason.as_deref() == Some("FailedCreatePod")),
+        "{events:?}"
+    );
+
+    kubectl_ok(&["delete", "quota", "no-pods", "-n", ns]);
+    let done = wait_succeeded(&client, ns, "quota", Duration::from_secs(300)).await;
+    assert_eq!(done.status.unwrap().segments[0].step.attempts, 1);
+}

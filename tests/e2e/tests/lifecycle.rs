@@ -1,16 +1,19 @@
 //! Lifecycle: garbage collection on delete, no duplicate pod across an operator
-//! restart, suspend/resume, ttlSecondsAfterFinished, GPU scheduling, and the
-//! operator's identity (the chart's ServiceAccount and RBAC).
+//! crash, suspend/resume, ttlSecondsAfterFinished, GPU scheduling, and the
+//! in-cluster operator: its identity (the chart's ServiceAccount, RBAC and
+//! in-cluster credentials), its container's restrictions, probes, metrics
+//! Service and leader election between replicas.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use kube::ResourceExt;
-use kube::api::{Api, DeleteParams, Patch, PatchParams};
-use kubewan_crds::TravelJob;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
+use kubewan_crds::spec::ComputeDevice;
 use kubewan_crds::status::JobPhase;
+use kubewan_crds::{StepAttempt, StepId, TravelJob};
 use kubewan_e2e::*;
 use serde_json::json;
 
@@ -51,7 +54,7 @@ async fn deleting_a_job_garbage_collects_its_pods() {
 }
 
 #[tokio::test]
-async fn restarting_the_operator_mid_job_creates_no_duplicate_pod() {
+async fn an_operator_crash_mid_job_creates_no_duplicate_pod() {
     let client = client().await;
     let ns = "e2e-restart";
     fresh_namespace(&client, ns).await.unwrap();
@@ -63,10 +66,6 @@ async fn restarting_the_operator_mid_job_creates_no_duplicate_pod() {
     })
     .await
     .unwrap();
-    // A crash (SIGKILL: no lease release, no clean shutdown), then a new process.
-    println!("{}", operator("kill").unwrap());
-    // Without an operator nothing new starts, so the job is really mid-way.
-    tokio::time::sleep(Duration::from_secs(2)).await;
     let before: BTreeMap<String, String> = job_pods(&client, ns, "steady")
         .await
         .unwrap()
@@ -81,7 +80,9 @@ async fn restarting_the_operator_mid_job_creates_no_duplicate_pod() {
         mid.status
     );
     assert!(before.len() < 4, "pods before the restart: {before:?}");
-    println!("{}", operator("start").unwrap());
+    // A crash (SIGKILL of the container: no lease release, no clean shutdown);
+    // the kubelet restarts the container and the new process takes over.
+    println!("{}", operator(&["kill"]).unwrap());
 
     let job = wait_job(
         &client,
@@ -103,20 +104,9 @@ async fn restarting_the_operator_mid_job_creates_no_duplicate_pod() {
     let names: Vec<String> = pods.iter().map(|p| p.name_any()).collect();
     let mut steps = BTreeMap::new();
     for pod in &pods {
-        let labels = pod.labels();
-        let step = format!(
-            "{}{}",
-            labels["kubewan.dev/stage"],
-            labels
-                .get("kubewan.dev/segment")
-                .cloned()
-                .unwrap_or_default()
-        );
-        *steps.entry(step).or_insert(0) += 1;
-        assert_eq!(
-            labels["kubewan.dev/attempt"], "1",
-            "no step ran twice: {names:?}"
-        );
+        let run = StepAttempt::from_labels(pod.labels()).expect("a runner pod's labels");
+        *steps.entry(run.step).or_insert(0) += 1;
+        assert_eq!(run.attempt, 1, "no step ran twice: {names:?}");
     }
     assert_eq!(pods.len(), 4, "one pod per step: {names:?}");
     assert!(steps.values().all(|n| *n == 1), "{steps:?}");
@@ -276,6 +266,10 @@ async fn gpu_pods_request_the_gpu_and_do_not_schedule_beyond_capacity() {
     let mut job = example();
     job.metadata.name = Some("gpu".into());
     job.spec.enhance_prompt.enabled = false;
+    // The preview loads no model, so its pods can hold a GPU on this CPU-only
+    // node (the runner image is the CPU build: Wan would refuse cuda:0).
+    job.spec.model.name = kubewan_crds::PREVIEW_MODEL.into();
+    job.spec.runner.device = ComputeDevice::Gpu;
     job.spec.runner.gpus = 1;
     create_job(&client, ns, &job).await.unwrap();
     let j = wait_job(
@@ -295,14 +289,14 @@ async fn gpu_pods_request_the_gpu_and_do_not_schedule_beyond_capacity() {
         j.status
     );
     for pod in job_pods(&client, ns, "gpu").await.unwrap() {
+        let run = StepAttempt::from_labels(pod.labels()).expect("a runner pod's labels");
         let spec = pod.spec.unwrap();
         let limits = spec.containers[0]
             .resources
             .as_ref()
             .and_then(|r| r.limits.clone())
             .unwrap_or_default();
-        let stage = pod.metadata.labels.as_ref().unwrap()["kubewan.dev/stage"].clone();
-        if stage == "stitch" {
+        if run.step == StepId::Stitch {
             assert!(
                 !limits.contains_key("nvidia.com/gpu"),
                 "the stitch is CPU-only"
@@ -317,6 +311,7 @@ async fn gpu_pods_request_the_gpu_and_do_not_schedule_beyond_capacity() {
     let mut greedy = example();
     greedy.metadata.name = Some("greedy".into());
     greedy.spec.enhance_prompt.enabled = false;
+    greedy.spec.runner.device = ComputeDevice::Gpu;
     greedy.spec.runner.gpus = 1000;
     create_job(&client, ns, &greedy).await.unwrap();
     wait_until(
@@ -369,14 +364,29 @@ async fn gpu_pods_request_the_gpu_and_do_not_schedule_beyond_capacity() {
 async fn the_operator_runs_under_the_charts_service_account_and_rbac() {
     require_cluster();
     let sa = "system:serviceaccount:kubewan-system:kubewan";
-    let can = |verb: &str, what: &str, ns: &str| {
-        let out = kubectl(&["auth", "can-i", verb, what, "-n", ns, "--as", sa]);
+    let can_with = |verb: &str, what: &str, ns: &str, extra: &[&str]| {
+        let mut args = vec!["auth", "can-i", verb, what, "-n", ns, "--as", sa];
+        args.extend_from_slice(extra);
+        let out = kubectl(&args);
         String::from_utf8_lossy(&out.stdout).trim().to_owned()
     };
+    let can = |verb: &str, what: &str, ns: &str| can_with(verb, what, ns, &[]);
     assert_eq!(can("create", "pods", "e2e-example"), "yes");
+    // The status subresource only (`traveljobs.kubewan.dev/status` would be
+    // the TravelJob named "status").
     assert_eq!(
-        can("patch", "traveljobs.kubewan.dev/status", "e2e-example"),
+        can_with(
+            "patch",
+            "traveljobs.kubewan.dev",
+            "e2e-example",
+            &["--subresource=status"]
+        ),
         "yes"
+    );
+    assert_eq!(
+        can("patch", "traveljobs.kubewan.dev", "e2e-example"),
+        "no",
+        "least privilege: the operator never changes a spec"
     );
     assert_eq!(
         can("get", "secrets", "e2e-example"),
@@ -413,35 +423,67 @@ async fn the_operator_runs_under_the_charts_service_account_and_rbac() {
         "no"
     );
 
-    // The running operator holds the chart's lease...
+    // The operator runs in-cluster under the chart's ServiceAccount and holds
+    // the chart's lease (its pod name is the holder identity)...
     let client = client().await;
-    let leases: Api<Lease> = Api::namespaced(client.clone(), "kubewan-system");
-    let lease = leases.get("kubewan-leader").await.unwrap();
-    let holder = lease
-        .spec
-        .and_then(|s| s.holder_identity)
-        .unwrap_or_default();
-    assert!(!holder.is_empty(), "the operator holds the lease");
-    // ...and its health endpoints answer.
-    assert_eq!(http_get("/healthz").await.unwrap().0, 200);
-    assert_eq!(http_get("/readyz").await.unwrap().0, 200);
-    let (_, metrics) = http_get("/metrics").await.unwrap();
+    let leader = operator(&["leader"]).unwrap().trim().to_owned();
+    assert!(!leader.is_empty(), "the operator holds the lease");
+    let pods: Api<Pod> = Api::namespaced(client.clone(), RELEASE_NS);
+    let pod = pods.get(&leader).await.unwrap();
+    let spec = pod.spec.clone().unwrap();
+    assert_eq!(spec.service_account_name.as_deref(), Some("kubewan"));
+    assert_eq!(
+        pod.status.as_ref().and_then(|s| s.phase.as_deref()),
+        Some("Running")
+    );
+    // ...with in-cluster credentials (the projected token, the `kubernetes`
+    // Service) in a restricted container, as the runtime applied it.
+    let oci = runtime_spec(&pod).unwrap();
+    assert_eq!(oci["process"]["user"]["uid"], 65532);
+    assert_eq!(oci["root"]["readonly"], true);
+    assert_eq!(oci["process"]["noNewPrivileges"], true);
+    let mounts = oci["mounts"].as_array().unwrap();
+    let token = mounts
+        .iter()
+        .find(|m| m["destination"] == "/var/run/secrets/kubernetes.io/serviceaccount")
+        .expect("the operator's service-account token is mounted");
+    assert!(
+        token["options"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|o| o == "ro")
+    );
+    let env: Vec<&str> = oci["process"]["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e.as_str())
+        .collect();
+    assert!(
+        env.contains(&"KUBERNETES_SERVICE_HOST=10.0.0.1"),
+        "in-cluster configuration: {env:?}"
+    );
+    // Its health endpoints answer through the kubelet's probes (the pod is
+    // Ready) and its metrics through the chart's Service.
+    let ready = pod
+        .status
+        .as_ref()
+        .and_then(|s| s.container_statuses.as_ref())
+        .is_some_and(|c| c[0].ready);
+    assert!(ready, "the readiness probe (/readyz) passes");
+    assert_eq!(operator_get("/healthz").unwrap().trim(), "ok");
+    let metrics = operator_get("/metrics").unwrap();
     assert!(metrics.contains("kubewan_leader 1"), "{metrics}");
-    // The operator process was started with impersonation of the chart's account.
-    let status = operator("status").unwrap();
-    assert!(status.contains(sa), "{status}");
 }
 
-/// Puts the usual single operator back whatever the test did.
-struct RestoreOperator<'a> {
-    second: [(&'a str, &'a str); 2],
-}
+/// Puts the usual single operator replica back whatever the test did.
+struct RestoreOperator;
 
-impl Drop for RestoreOperator<'_> {
+impl Drop for RestoreOperator {
     fn drop(&mut self) {
-        let _ = operator_with("stop", &self.second);
-        if let Err(e) = operator("start") {
-            eprintln!("could not restart the operator: {e}");
+        if let Err(e) = operator(&["scale", "1"]) {
+            eprintln!("could not scale the operator back to 1: {e}");
         }
     }
 }
@@ -449,56 +491,49 @@ impl Drop for RestoreOperator<'_> {
 #[tokio::test]
 async fn a_second_replica_waits_for_the_lease_and_takes_over() {
     let client = client().await;
-    let leases: Api<Lease> = Api::namespaced(client.clone(), "kubewan-system");
-    let holder = || async {
-        leases
-            .get("kubewan-leader")
-            .await
-            .unwrap()
-            .spec
-            .and_then(|s| s.holder_identity)
-            .unwrap_or_default()
-    };
-    let first = holder().await;
+    let first = operator(&["leader"]).unwrap().trim().to_owned();
     assert!(!first.is_empty(), "the first replica leads");
 
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
+    let _restore = RestoreOperator;
+    println!("{}", operator(&["scale", "2"]).unwrap());
+    let pods: Api<Pod> = Api::namespaced(client.clone(), RELEASE_NS);
+    let replicas: Vec<String> = pods
+        .list(&ListParams::default().labels("app.kubernetes.io/component=operator"))
+        .await
         .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let addr = format!("127.0.0.1:{port}");
-    let second = [
-        ("KUBEWAN_E2E_INSTANCE", "2"),
-        ("KUBEWAN_E2E_METRICS_ADDR", addr.as_str()),
-    ];
-    let _restore = RestoreOperator { second };
-    println!("{}", operator_with("start", &second).unwrap());
+        .items
+        .iter()
+        .map(|p| p.name_any())
+        .collect();
+    let second = replicas
+        .iter()
+        .find(|p| **p != first)
+        .expect("a second replica")
+        .clone();
 
-    // Ready, but standing by: it does not lead while the first holds the lease.
-    assert_eq!(http_get_at(&addr, "/readyz").await.unwrap().0, 200);
+    // Ready (its readiness probe passes), but standing by: it does not lead
+    // while the first holds the lease.
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let (_, metrics) = http_get_at(&addr, "/metrics").await.unwrap();
+    let metrics = operator_pod_get(&second, "/metrics").unwrap();
     assert!(metrics.contains("kubewan_leader 0"), "{metrics}");
-    assert_eq!(holder().await, first);
+    assert_eq!(operator(&["leader"]).unwrap().trim(), first);
 
-    // The leader stops (and releases the lease): the standby takes over...
-    println!("{}", operator("stop").unwrap());
+    // The leader's pod is deleted (SIGTERM: it releases the lease): a standby
+    // takes over (the second, or the pod the Deployment starts in the first's
+    // place, whichever takes the released lease first)...
+    pods.delete(&first, &DeleteParams::default()).await.unwrap();
     wait_until(
-        Duration::from_secs(30),
-        "the second replica to lead",
+        Duration::from_secs(60),
+        "another replica to lead and hold the lease",
         || async {
-            let (_, m) = http_get_at(&addr, "/metrics").await?;
-            Ok(m.contains("kubewan_leader 1"))
+            let holder = operator(&["leader"])?.trim().to_owned();
+            Ok(!holder.is_empty()
+                && holder != first
+                && operator_pod_get(&holder, "/metrics")?.contains("kubewan_leader 1"))
         },
     )
     .await
     .unwrap();
-    let now = holder().await;
-    assert!(
-        !now.is_empty() && now != first,
-        "lease holder {now} (was {first})"
-    );
 
     // ...and runs jobs.
     let ns = "e2e-ha";
