@@ -2,6 +2,7 @@
 //! loads (many tensors from the heap, with a small long-lived allocation
 //! after them so the heap cannot simply shrink from its top), then dropped
 //! through `Probe::release`. RSS must come back within 5 % of the baseline
+//! (or 4 MiB, the kernel counters' own error, whichever is larger)
 //! and the report must say so (freed ratio ≥ 95 %, no warning).
 //!
 //! It runs without the test harness (`harness = false`): alone in its own
@@ -15,6 +16,10 @@ const GIB: usize = 1 << 30;
 /// Below glibc's mmap threshold (128 KiB), so the memory comes from the heap
 /// arenas and only comes back if the runner trims them.
 const TENSOR: usize = 64 << 10;
+/// The kernel's RSS counters are per-CPU approximations (proc(5): "some of
+/// these values are inaccurate"), so two readings microseconds apart can
+/// differ by a few pages either way. Comparisons between readings allow this.
+const COUNTER_SLACK: u64 = 4 << 20;
 
 fn main() {
     a_released_model_sized_allocation_gives_its_memory_back();
@@ -56,7 +61,12 @@ fn a_released_model_sized_allocation_gives_its_memory_back() {
         baseline.rss_bytes,
         loaded.rss_bytes
     );
-    assert!(load.peak_rss_bytes >= loaded.rss_bytes);
+    assert!(
+        load.peak_rss_bytes + COUNTER_SLACK >= loaded.rss_bytes,
+        "the load's peak {} is below the RSS {} read just after it",
+        load.peak_rss_bytes,
+        loaded.rss_bytes
+    );
 
     let release = probe.release(phases::VLM_RELEASE, "test model", model, &baseline, &loaded);
     let after = rss_bytes();
@@ -70,10 +80,10 @@ fn a_released_model_sized_allocation_gives_its_memory_back() {
         loaded.rss_bytes >> 20,
         after >> 20
     );
-    let tolerance = baseline.rss_bytes / 20;
+    let tolerance = (baseline.rss_bytes / 20).max(COUNTER_SLACK);
     assert!(
         after <= baseline.rss_bytes + tolerance,
-        "RSS after the release is {after} bytes, more than 5% above the baseline {}",
+        "RSS after the release is {after} bytes, more than {tolerance} bytes above the baseline {}",
         baseline.rss_bytes
     );
     assert!(release.loaded_bytes >= GIB as u64 * 95 / 100, "{release:?}");
