@@ -61,8 +61,11 @@ fn a_released_model_sized_allocation_gives_its_memory_back() {
         baseline.rss_bytes,
         loaded.rss_bytes
     );
+    // The peak covers the load within the counters' error, which grows with
+    // the number of CPUs the process ran on: up to 1 % of the load is allowed.
+    let slack = COUNTER_SLACK.max(loaded.rss_bytes / 100);
     assert!(
-        load.peak_rss_bytes + COUNTER_SLACK >= loaded.rss_bytes,
+        load.peak_rss_bytes + slack >= loaded.rss_bytes,
         "the load's peak {} is below the RSS {} read just after it",
         load.peak_rss_bytes,
         loaded.rss_bytes

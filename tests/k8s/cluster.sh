@@ -14,6 +14,10 @@
 #   tests/k8s/cluster.sh load-images IMAGE…  copy images from the local containers storage
 #                                            (podman/buildah) into the node's containerd
 #                                            (there is no registry: pods use what is loaded)
+#   tests/k8s/cluster.sh pause-node          SIGSTOP the kubelet: the node stops answering while
+#                                            its containers run on (a node lost, as the control
+#                                            plane sees it; e2e fault tests)
+#   tests/k8s/cluster.sh resume-node         SIGCONT the kubelet: the node answers again
 #
 # Environment:
 #   KUBEWAN_CLUSTER_DIR   state dir (pids, logs, certs, etcd data, the node's
@@ -93,6 +97,8 @@ stop_component() {
   local name="$1" pid
   if pid="$(pid_alive "$name")"; then
     kill -TERM "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true
+    # A process left stopped (pause-node) handles SIGTERM only once continued.
+    kill -CONT "$pid" 2>/dev/null || true
     local i
     for ((i = 0; i < 150; i++)); do
       pid_alive "$name" >/dev/null || break
@@ -699,8 +705,15 @@ main() {
       [[ $# -gt 0 ]] || { echo "usage: cluster.sh load-images IMAGE..." >&2; exit 2; }
       do_load_images "$@"
       ;;
+    pause-node | resume-node)
+      local pid signal=STOP
+      [[ $1 == resume-node ]] && signal=CONT
+      pid=$(pid_alive kubelet) || { echo "[cluster] ERROR: the kubelet is not running (cluster.sh up)" >&2; exit 1; }
+      kill -s "$signal" "$pid"
+      log "kubelet (pid $pid) sent SIG$signal"
+      ;;
     *)
-      sed -n '2,31p' "$0" >&2
+      sed -n '2,35p' "$0" >&2
       exit 2
       ;;
   esac

@@ -13,8 +13,8 @@ use k8s_openapi::api::core::v1::{Namespace, Pod};
 use k8s_openapi::api::events::v1::Event;
 use kube::api::{Api, DeleteParams, ListParams, ObjectMeta, PostParams};
 use kube::{Client, ResourceExt};
-use kubewan_crds::TravelJob;
 use kubewan_crds::step::job_selector;
+use kubewan_crds::{TravelJob, TravelJobStatus};
 
 pub mod pipeline;
 pub use pipeline::*;
@@ -209,22 +209,48 @@ pub async fn events_of(client: &Client, ns: &str, name: &str) -> Result<Vec<Even
         .collect())
 }
 
-/// Runs `tests/e2e/operator.sh ARGS` (the in-cluster operator's controls:
-/// status, leader, kill, scale N); returns its stdout.
-pub fn operator(args: &[&str]) -> Result<String> {
-    let script = repo_root().join("tests/e2e/operator.sh");
+/// Runs the repository's script `rel` with `args`; returns its stdout.
+fn run_script(rel: &str, args: &[&str]) -> Result<String> {
+    let script = repo_root().join(rel);
     let out = Command::new(&script)
         .args(args)
         .output()
         .with_context(|| format!("running {}", script.display()))?;
     if !out.status.success() {
         bail!(
-            "operator.sh {args:?} failed: {}{}",
+            "{rel} {args:?} failed: {}{}",
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Runs `tests/e2e/operator.sh ARGS` (the in-cluster operator's controls:
+/// status, leader, kill, scale N); returns its stdout.
+pub fn operator(args: &[&str]) -> Result<String> {
+    run_script("tests/e2e/operator.sh", args)
+}
+
+/// The test node's kubelet stopped (SIGSTOP, `cluster.sh pause-node`) until
+/// this guard is dropped: the node answers nothing (no pod starts, no status,
+/// no deletion is confirmed) while its containers run on, which is what the
+/// control plane sees of a lost node.
+pub struct PausedNode(());
+
+impl PausedNode {
+    pub fn pause() -> Result<PausedNode> {
+        run_script("tests/k8s/cluster.sh", &["pause-node"])?;
+        Ok(PausedNode(()))
+    }
+}
+
+impl Drop for PausedNode {
+    fn drop(&mut self) {
+        if let Err(e) = run_script("tests/k8s/cluster.sh", &["resume-node"]) {
+            eprintln!("resuming the test node failed: {e:#}");
+        }
+    }
 }
 
 /// The namespace and name prefix of the chart's release (tests/e2e/run.sh).
@@ -367,6 +393,35 @@ pub async fn wait_finished(
         j.status.as_ref().is_some_and(|s| s.phase.is_finished())
     })
     .await
+}
+
+/// The example job as a preview (no VLM, no model): segment 0, segment 1,
+/// then the stitch, each pod done in seconds. Named `name`.
+pub fn preview_job(name: &str) -> TravelJob {
+    let mut job = example();
+    job.metadata.name = Some(name.into());
+    job.spec.enhance_prompt.enabled = false;
+    job.spec.model.name = kubewan_crds::PREVIEW_MODEL.into();
+    job
+}
+
+/// Runs `job` in a fresh namespace `ns` until it finished, asserts it failed,
+/// and returns its status and message.
+pub async fn run_to_failure(
+    client: &Client,
+    ns: &str,
+    job: &TravelJob,
+) -> (TravelJobStatus, String) {
+    fresh_namespace(client, ns).await.unwrap();
+    create_job(client, ns, job).await.unwrap();
+    let done = wait_finished(client, ns, &job.name_any(), Duration::from_secs(300))
+        .await
+        .unwrap();
+    let status = done.status.unwrap_or_default();
+    let message = status.message.clone().unwrap_or_default();
+    println!("message: {message}");
+    assert_eq!(status.phase, kubewan_crds::JobPhase::Failed, "{message}");
+    (status, message)
 }
 
 /// Waits until the job finished and asserts it succeeded (the status says

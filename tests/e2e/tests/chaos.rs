@@ -19,10 +19,7 @@ const CRASHES: usize = 10;
 /// enough for every crash to land while it runs (about two steps finish
 /// between two crashes).
 fn long_job() -> TravelJob {
-    let mut job = example();
-    job.metadata.name = Some("long".into());
-    job.spec.enhance_prompt.enabled = false;
-    job.spec.model.name = kubewan_crds::PREVIEW_MODEL.into();
+    let mut job = preview_job("long");
     let keyframes = job.spec.keyframes.clone();
     job.spec.keyframes = keyframes
         .iter()

@@ -190,10 +190,7 @@ async fn a_pod_forbidden_by_a_quota_is_shown_and_created_once_the_quota_allows_i
     })
     .await
     .unwrap();
-    let mut job = example();
-    job.metadata.name = Some("quota".into());
-    job.spec.enhance_prompt.enabled = false;
-    job.spec.model.name = kubewan_crds::PREVIEW_MODEL.into();
+    let job = preview_job("quota");
     create_job(&client, ns, &job).await.unwrap();
 
     let segment_message = |j: &kubewan_crds::TravelJob| {

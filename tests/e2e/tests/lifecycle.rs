@@ -263,12 +263,9 @@ async fn gpu_pods_request_the_gpu_and_do_not_schedule_beyond_capacity() {
     let client = client().await;
     let ns = "e2e-gpu";
     fresh_namespace(&client, ns).await.unwrap();
-    let mut job = example();
-    job.metadata.name = Some("gpu".into());
-    job.spec.enhance_prompt.enabled = false;
     // The preview loads no model, so its pods can hold a GPU on this CPU-only
     // node (the runner image is the CPU build: Wan would refuse cuda:0).
-    job.spec.model.name = kubewan_crds::PREVIEW_MODEL.into();
+    let mut job = preview_job("gpu");
     job.spec.runner.device = ComputeDevice::Gpu;
     job.spec.runner.gpus = 1;
     create_job(&client, ns, &job).await.unwrap();

@@ -12,9 +12,9 @@ use std::time::Duration;
 use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
 use kube::api::{Api, DeleteParams, PostParams};
 use kube::{Client, ResourceExt};
+use kubewan_crds::TravelJob;
 use kubewan_crds::spec::VolumeSource;
 use kubewan_crds::status::JobPhase;
-use kubewan_crds::{PREVIEW_MODEL, TravelJob};
 use kubewan_e2e::*;
 use kubewan_operator::pod_security::restricted_violations;
 use kubewan_operator::policy::{SpecPolicy, VolumeKind};
@@ -41,15 +41,6 @@ fn operator_arg(name: &str) -> Option<String> {
 /// The runner image the installed operator gives jobs that set none.
 fn default_runner_image() -> String {
     operator_arg("runner-image").expect("the operator's --runner-image")
-}
-
-/// The example, cheap (no VLM, the preview model), named `name`.
-fn cheap_example(name: &str) -> TravelJob {
-    let mut job = example();
-    job.metadata.name = Some(name.into());
-    job.spec.enhance_prompt.enabled = false;
-    job.spec.model.name = PREVIEW_MODEL.into();
-    job
 }
 
 /// Waits until `name` failed by the policy; returns its status message.
@@ -90,17 +81,17 @@ async fn a_forbidden_image_or_volume_kind_fails_the_job_naming_the_field_with_no
     let default_image = default_runner_image();
     let repository = default_image.rsplit_once(':').unwrap().0.to_owned();
 
-    let mut evil = cheap_example("evil");
+    let mut evil = preview_job("evil");
     evil.spec.runner.image = Some("evil.example/x:1".into());
     // Shares the allowed repository's name as a string prefix only.
-    let mut lookalike = cheap_example("lookalike");
+    let mut lookalike = preview_job("lookalike");
     lookalike.spec.runner.image = Some(format!("{repository}-evil:1"));
-    let mut nfs = cheap_example("nfs");
+    let mut nfs = preview_job("nfs");
     nfs.spec.output.volume =
         serde_json::from_value(json!({"nfs": {"server": "nfs.example", "path": "/videos"}}))
             .unwrap();
     // The chart's own runner repository, named explicitly, is allowed.
-    let mut own = cheap_example("own");
+    let mut own = preview_job("own");
     own.spec.runner.image = Some(default_image.clone());
     for job in [&evil, &lookalike, &nfs, &own] {
         create_job(&client, ns, job).await.unwrap();
@@ -201,7 +192,7 @@ async fn runner_pods_of_a_claims_only_job_pass_the_restricted_pod_security_stand
     claim_of_node_dir(&client, ns, "ckpts", "ReadOnlyMany").await;
     claim_of_node_dir(&client, ns, "inputs", "ReadOnlyMany").await;
     claim_of_node_dir(&client, ns, "output", "ReadWriteMany").await;
-    let mut job = cheap_example("claims");
+    let mut job = preview_job("claims");
     job.spec.checkpoints = claim("ckpts");
     job.spec.inputs = claim("inputs");
     job.spec.output.volume = claim("output");

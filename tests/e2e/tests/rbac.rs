@@ -314,10 +314,7 @@ fn job_api(client: &Client) -> Api<TravelJob> {
 }
 
 fn cheap_job(name: &str, invalid: bool) -> TravelJob {
-    let mut job = example();
-    job.metadata.name = Some(name.into());
-    job.spec.enhance_prompt.enabled = false;
-    job.spec.model.name = kubewan_crds::PREVIEW_MODEL.into();
+    let mut job = preview_job(name);
     if invalid {
         job.spec.keyframes[0] = "../escape.png".into();
     }
