@@ -61,6 +61,13 @@ pub struct StepStatus {
     /// collector) gives no attempt back.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub failed_attempts: Vec<u32>,
+    /// Creations of the step's next pod that the API server refused in a row
+    /// for a reason that may pass (a full ResourceQuota, an admission webhook,
+    /// the server unavailable). Each one doubles the wait before the next try;
+    /// kept here so that an operator restart does not start the wait over.
+    /// Back to 0 once a pod of the step is created.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub create_refusals: u32,
     /// Why the latest failed attempt failed (kept once its pod is gone).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_failure: Option<String>,
@@ -77,6 +84,10 @@ pub struct StepStatus {
     /// The full report, relative to the output volume.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub report_file: Option<String>,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 impl StepStatus {

@@ -110,7 +110,7 @@ async fn create_pods(
                     kube::Error::Api(s) => format!("{} ({} {})", s.message, s.code, s.reason),
                     other => other.to_string(),
                 };
-                decide::pod_not_created(d, &new, &why);
+                decide::pod_not_created(job, d, &new, &why);
                 break;
             }
         }

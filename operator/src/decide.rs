@@ -109,31 +109,53 @@ pub fn decide(
 }
 
 /// How long a pod the API server could not create (a quota, an admission
-/// webhook, the server unavailable) waits before it is tried again.
-pub const CREATE_RETRY: Duration = Duration::from_secs(15);
+/// webhook, the server unavailable) waits before it is tried again: 15 s after
+/// the first refusal, doubling with each refusal in a row, up to 5 minutes. The
+/// kube Job controller backs failed pods off the same way (10 s doubling to
+/// 6 min, as [`Backoff::default`] does here); a quota that stays full for an
+/// hour then costs 16 refused creations (each with its status patch and event)
+/// instead of 240. The cap is no longer than the default resync (300 s), which
+/// looks at the job by then anyway.
+pub const CREATE_BACKOFF: Backoff = Backoff {
+    base: Duration::from_secs(15),
+    max: Duration::from_secs(300),
+};
 
 /// The API server could not create `pod` for a reason that may pass (403 from
 /// a ResourceQuota or Pod Security admission, 5xx, a timeout): its step shows
 /// why and waits, a warning event says so, and the job is reconciled again
-/// after [`CREATE_RETRY`] (the attempt is not used up: no pod ran).
-pub fn pod_not_created(d: &mut Decision, pod: &NewPod, why: &str) {
+/// after [`CREATE_BACKOFF`]'s wait for this many refusals in a row (the attempt
+/// is not used up: no pod ran). That wait is the longest one: a reconcile
+/// before it (a pod of the job changed, perhaps one that finished and freed
+/// the quota) tries at once. `job` is the job `d` was decided from.
+pub fn pod_not_created(job: &TravelJob, d: &mut Decision, pod: &NewPod, why: &str) {
     let StepAttempt { step, attempt } = pod.attempt;
-    let message = format!(
-        "pod {} could not be created: {why}; trying again in {}s",
-        pod.name,
-        CREATE_RETRY.as_secs()
-    );
+    // `d` shows the pod as created, which ends the count: the refusals before
+    // this one are in the status it was decided from.
+    let refusals = job
+        .status
+        .as_ref()
+        .and_then(|s| s.step(step))
+        .map_or(0, |s| s.create_refusals)
+        .saturating_add(1);
+    let wait = CREATE_BACKOFF.delay(refusals);
+    let refused = format!("pod {} could not be created: {why}", pod.name);
+    let message = format!("{refused}; trying again in {}s", wait.as_secs());
     if let Some(s) = d.status.step_mut(step) {
         s.phase = StepPhase::Pending;
         s.pod = None;
         s.start_time = None;
         s.attempts = attempt - 1;
+        s.create_refusals = refusals;
         s.message = Some(message.clone());
     }
     d.status.message = Some(format!("{step}: {message}"));
-    d.requeue = Some(d.requeue.map_or(CREATE_RETRY, |r| r.min(CREATE_RETRY)));
+    d.requeue = Some(d.requeue.map_or(wait, |r| r.min(wait)));
+    // One event per refusal. The event recorder folds the repeats about one
+    // pod into a series that keeps the first note, so the note leaves out the
+    // wait, which grows (the status says it).
     d.events.push(
-        EventSpec::warning("FailedCreatePod", format!("{step}: {message}"))
+        EventSpec::warning("FailedCreatePod", format!("{step}: {refused}"))
             .for_action("CreatePod")
             .about(Some(pod.name.clone())),
     );
@@ -738,31 +760,120 @@ mod tests {
         );
     }
 
+    const QUOTA_FULL: &str = "pods \"trip-seg-0-1\" is forbidden: exceeded quota: gpus";
+
+    /// A reconcile whose pod creation the API server refuses (a full quota),
+    /// as apply folds it back; its status stored into the job through JSON,
+    /// as the API would (all an operator that restarts has to go on).
+    fn refused(job: &mut TravelJob, pods: &[PodView], now: i64) -> Decision {
+        let decided_from = job.clone();
+        let mut d = step(job, pods, now);
+        let pod = d.create[0].clone();
+        pod_not_created(&decided_from, &mut d, &pod, QUOTA_FULL);
+        let stored = serde_json::to_value(&d.status).unwrap();
+        job.status = Some(serde_json::from_value(stored).unwrap());
+        d
+    }
+
+    fn segment_0(d: &Decision) -> &kubewan_crds::status::StepStatus {
+        d.status.step(StepId::Segment(0)).unwrap()
+    }
+
     #[test]
     fn a_pod_the_server_could_not_create_waits_with_the_reason_shown() {
         let mut j = job(&format!("{SPEC}{NO_VLM}"));
-        let mut d = step(&mut j, &[], 0);
-        let pod = d.create[0].clone();
-        let why = "pods \"trip-seg-0-1\" is forbidden: exceeded quota: gpus";
-        pod_not_created(&mut d, &pod, why);
-        let seg = d.status.step(StepId::Segment(0)).unwrap();
+        let d = refused(&mut j, &[], 0);
+        let seg = segment_0(&d);
         assert_eq!(
-            (seg.phase, seg.pod.as_deref(), seg.attempts),
-            (StepPhase::Pending, None, 0)
+            (
+                seg.phase,
+                seg.pod.as_deref(),
+                seg.attempts,
+                seg.create_refusals
+            ),
+            (StepPhase::Pending, None, 0, 1)
         );
-        let expected = format!("pod trip-seg-0-1 could not be created: {why}; trying again in 15s");
+        let expected =
+            format!("pod trip-seg-0-1 could not be created: {QUOTA_FULL}; trying again in 15s");
         assert_eq!(seg.message.as_deref(), Some(expected.as_str()));
         assert!(!d.status.phase.is_finished(), "nothing failed yet");
-        assert_eq!(d.requeue, Some(CREATE_RETRY));
+        assert_eq!(d.requeue, Some(Duration::from_secs(15)));
         let event = d.events.last().unwrap();
         assert!(
             event.warning && event.reason == "FailedCreatePod",
             "{event:?}"
         );
+        assert_eq!(
+            event.note,
+            format!("segment 0: pod trip-seg-0-1 could not be created: {QUOTA_FULL}"),
+            "a series of these events keeps its first note: no wait in it"
+        );
         // The next reconcile, with no pod, creates attempt 1 again.
-        j.status = Some(d.status.clone());
         let again = step(&mut j, &[], 20);
         assert_eq!(again.create[0].name, "trip-seg-0-1");
+    }
+
+    /// Issue 14: a quota that stayed full was asked every 15 s, for ever.
+    #[test]
+    fn refused_creations_in_a_row_wait_twice_as_long_each_time_up_to_five_minutes() {
+        let mut j = job(&format!("{SPEC}{NO_VLM}"));
+        let (mut now, mut waits) = (0, Vec::new());
+        for refusal in 1..=8 {
+            if refusal == 3 {
+                // A reconcile that does not try (suspended, then resumed):
+                // the count is not lost by the fold.
+                j.spec.suspend = true;
+                let d = step(&mut j, &[], now);
+                assert_eq!(segment_0(&d).create_refusals, 2);
+                j.spec.suspend = false;
+            }
+            let d = refused(&mut j, &[], now);
+            assert_eq!(created(&d), vec![StepId::Segment(0).attempt(1)]);
+            let wait = d.requeue.unwrap().as_secs();
+            let seg = segment_0(&d);
+            assert_eq!(seg.create_refusals, refusal);
+            let message = seg.message.clone().unwrap_or_default();
+            assert!(
+                message.ends_with(&format!("; trying again in {wait}s")),
+                "{message}"
+            );
+            let failed_creations: Vec<_> = d
+                .events
+                .iter()
+                .filter(|e| e.reason == "FailedCreatePod")
+                .collect();
+            assert_eq!(failed_creations.len(), 1, "one event per refusal");
+            waits.push(wait);
+            now += wait as i64;
+        }
+        assert_eq!(waits, [15, 30, 60, 120, 240, 300, 300, 300]);
+        let stored = serde_json::to_value(&j.status).unwrap();
+        assert_eq!(stored["segments"][0]["createRefusals"], 8);
+    }
+
+    #[test]
+    fn a_created_pod_starts_the_refusal_count_over() {
+        let mut j = job(&format!("{SPEC}{NO_VLM}"));
+        refused(&mut j, &[], 0);
+        refused(&mut j, &[], 15);
+        let d = refused(&mut j, &[], 45);
+        assert_eq!(d.requeue, Some(Duration::from_secs(60)));
+        // The quota allows it now.
+        let d = step(&mut j, &[], 105);
+        assert_eq!(created(&d), vec![StepId::Segment(0).attempt(1)]);
+        assert_eq!(segment_0(&d).create_refusals, 0);
+        let stored = serde_json::to_value(&d.status).unwrap();
+        assert!(
+            stored["segments"][0].get("createRefusals").is_none(),
+            "{stored}"
+        );
+        // The pod fails, and its retry finds the quota full again: the wait
+        // starts over at 15 s.
+        let failed = [view(StepId::Segment(0), 1, PodPhase::Failed)];
+        let d = refused(&mut j, &failed, 200);
+        assert_eq!(created(&d), vec![StepId::Segment(0).attempt(2)]);
+        assert_eq!(segment_0(&d).create_refusals, 1);
+        assert_eq!(d.requeue, Some(Duration::from_secs(15)));
     }
 
     #[test]

@@ -89,11 +89,14 @@ impl StepState {
         matches!(self.phase, StepPhase::Running | StepPhase::Retrying)
     }
 
-    /// The step's next pod, `pod`, is being created now: it shows as running at once.
+    /// The step's next pod, `pod`, is being created now: it shows as running
+    /// at once, and the creations refused before it are over (a refusal of
+    /// this one counts on from the previous status: [`crate::decide::pod_not_created`]).
     pub fn start(&mut self, pod: &str, now: Timestamp) {
         self.phase = StepPhase::Running;
         self.status.phase = StepPhase::Running;
         self.status.attempts = self.next_attempt;
+        self.status.create_refusals = 0;
         self.status.start_time = Some(Time(now));
         self.status.finish_time = None;
         self.status.message = Some(running_message(pod));
@@ -175,6 +178,9 @@ pub fn fold_step(
             attempts: latest,
             failed_attempts: failed.iter().copied().collect(),
             last_failure: prev.last_failure.clone(),
+            // Until a pod of the step is created, the refusals before count
+            // towards the next wait ([`crate::decide::pod_not_created`]).
+            create_refusals: prev.create_refusals,
             ..Default::default()
         },
     };
@@ -356,6 +362,9 @@ fn failed_latest(
 /// The status fields read from the step's current pod.
 fn show_pod(state: &mut StepState, pod: &PodView, prev: &StepStatus) {
     state.status.pod = Some(pod.name.clone());
+    // The pod exists, so its creation went through (even if the status that
+    // said so was never written).
+    state.status.create_refusals = 0;
     // The time recorded when the step started this pod stays: the pod's own
     // times (created, then started by the kubelet) would rewrite the status twice.
     state.status.start_time = prev
@@ -655,6 +664,43 @@ mod tests {
             message(&later).contains("removed before it finished"),
             "{}",
             message(&later)
+        );
+    }
+
+    #[test]
+    fn refused_creations_are_carried_until_a_pod_of_the_step_is_created() {
+        let refused_twice = StepStatus {
+            create_refusals: 2,
+            ..Default::default()
+        };
+        let pending = fold_after(&[], Some(&refused_twice), rules(2, 0));
+        assert_eq!(
+            (pending.phase, pending.status.create_refusals),
+            (StepPhase::Pending, 2)
+        );
+        // A retry's creation refused twice, the failed attempt's pod still there.
+        let retry_refused = StepStatus {
+            attempts: 1,
+            failed_attempts: vec![1],
+            last_failure: Some("exit code 1: keyframe missing".into()),
+            ..refused_twice.clone()
+        };
+        let failed = view(StepId::Segment(1), 1, PodPhase::Failed);
+        let retrying = fold_after(&[failed], Some(&retry_refused), rules(2, 30));
+        assert_eq!(
+            (retrying.phase, retrying.status.create_refusals),
+            (StepPhase::Retrying, 2)
+        );
+        // Created, then written as such: none refused since.
+        let mut started = pending;
+        started.start("trip-seg-1-1", t(40));
+        assert_eq!(started.status.create_refusals, 0);
+        // Created, but the status that said so was never written: the pod shows.
+        let running = view(StepId::Segment(1), 1, PodPhase::Running);
+        let shown = fold_after(&[running], Some(&refused_twice), rules(2, 41));
+        assert_eq!(
+            (shown.phase, shown.status.create_refusals),
+            (StepPhase::Running, 0)
         );
     }
 
