@@ -69,7 +69,8 @@ async fn delete_pods(api: &Api<Pod>, names: &[String], ctx: &Context) -> Result<
 }
 
 /// Creates the decided pods in order, stopping at the first one the API
-/// server refuses or cannot create.
+/// server refuses or cannot create; the pods after it wait for the next
+/// reconcile.
 async fn create_pods(
     job: &TravelJob,
     api: &Api<Pod>,
@@ -77,7 +78,8 @@ async fn create_pods(
     now: Timestamp,
     ctx: &Context,
 ) -> Result<()> {
-    for new in std::mem::take(&mut d.create) {
+    let mut decided = std::mem::take(&mut d.create).into_iter();
+    for new in decided.by_ref() {
         let pod = build_pod(job, &new, &ctx.pod_defaults)?;
         let (step, attempt) = (new.attempt.step, new.attempt.attempt);
         match api.create(&PostParams::default(), &pod).await {
@@ -114,6 +116,9 @@ async fn create_pods(
                 break;
             }
         }
+    }
+    for untried in decided {
+        decide::pod_not_tried(d, &untried);
     }
     Ok(())
 }

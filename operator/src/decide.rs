@@ -11,7 +11,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
 use kubewan_crds::conditions::policy_failure_reason;
-use kubewan_crds::status::{JobPhase, StepPhase, TravelJobStatus};
+use kubewan_crds::status::{JobPhase, StepPhase, StepStatus, TravelJobStatus};
 use kubewan_crds::{Plan, StepAttempt, StepId, Task, TravelJob};
 
 use crate::conditions::{
@@ -142,10 +142,7 @@ pub fn pod_not_created(job: &TravelJob, d: &mut Decision, pod: &NewPod, why: &st
     let refused = format!("pod {} could not be created: {why}", pod.name);
     let message = format!("{refused}; trying again in {}s", wait.as_secs());
     if let Some(s) = d.status.step_mut(step) {
-        s.phase = StepPhase::Pending;
-        s.pod = None;
-        s.start_time = None;
-        s.attempts = attempt - 1;
+        not_created(s, attempt);
         s.create_refusals = refusals;
         s.message = Some(message.clone());
     }
@@ -159,6 +156,31 @@ pub fn pod_not_created(job: &TravelJob, d: &mut Decision, pod: &NewPod, why: &st
             .for_action("CreatePod")
             .about(Some(pod.name.clone())),
     );
+}
+
+/// `pod` was decided in the same reconcile as one the API server could not
+/// create or refused, after it: it was never tried, so its step waits again
+/// (no refusal counted, no event) and the next reconcile decides it anew.
+/// Left as created, it would count as a failed attempt once
+/// [`VANISHED_AFTER`](crate::step::VANISHED_AFTER) found no pod.
+pub fn pod_not_tried(d: &mut Decision, pod: &NewPod) {
+    let StepAttempt { step, attempt } = pod.attempt;
+    if let Some(s) = d.status.step_mut(step) {
+        not_created(s, attempt);
+        s.message = Some(format!(
+            "waiting: pod {} was not created (one before it could not be)",
+            pod.name
+        ));
+    }
+}
+
+/// A step whose pod for `attempt` was not created: back to waiting, the
+/// attempt not used up.
+fn not_created(s: &mut StepStatus, attempt: u32) {
+    s.phase = StepPhase::Pending;
+    s.pod = None;
+    s.start_time = None;
+    s.attempts = attempt - 1;
 }
 
 /// The API server refused `pod` itself (a bad quantity, a forbidden field):
@@ -775,7 +797,7 @@ mod tests {
         d
     }
 
-    fn segment_0(d: &Decision) -> &kubewan_crds::status::StepStatus {
+    fn segment_0(d: &Decision) -> &StepStatus {
         d.status.step(StepId::Segment(0)).unwrap()
     }
 
@@ -874,6 +896,39 @@ mod tests {
         assert_eq!(created(&d), vec![StepId::Segment(0).attempt(2)]);
         assert_eq!(segment_0(&d).create_refusals, 1);
         assert_eq!(d.requeue, Some(Duration::from_secs(15)));
+    }
+
+    #[test]
+    fn pods_after_one_that_could_not_be_created_wait_and_are_no_failed_attempt() {
+        let mut j = job(&format!("{SPEC}{NO_VLM}chain: false\nparallelism: 2\n"));
+        let decided_from = j.clone();
+        let mut d = step(&mut j, &[], 0);
+        let [first, second] = <[NewPod; 2]>::try_from(d.create.clone()).unwrap();
+        pod_not_created(&decided_from, &mut d, &first, QUOTA_FULL);
+        pod_not_tried(&mut d, &second);
+        let later = d.status.step(StepId::Segment(1)).unwrap();
+        assert_eq!(
+            (later.phase, later.pod.as_deref(), later.attempts),
+            (StepPhase::Pending, None, 0)
+        );
+        assert_eq!(later.create_refusals, 0);
+        assert_eq!(d.events.len(), 1, "one event, for the refused pod");
+        // Well past VANISHED_AFTER with no pod in the cache: both steps are
+        // tried again as first attempts, no failure counted.
+        j.status = Some(d.status.clone());
+        let d = step(&mut j, &[], 60);
+        assert_eq!(
+            created(&d),
+            vec![StepId::Segment(0).attempt(1), StepId::Segment(1).attempt(1)]
+        );
+        assert!(
+            d.status
+                .segments
+                .iter()
+                .all(|s| s.step.failed_attempts.is_empty()),
+            "{:?}",
+            d.status.segments
+        );
     }
 
     #[test]

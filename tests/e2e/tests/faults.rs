@@ -14,7 +14,7 @@ use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, EvictParams, ListParams, PostParams};
 use kubewan_crds::spec::ComputeDevice;
-use kubewan_crds::status::{JobPhase, StepPhase, TravelJobStatus};
+use kubewan_crds::status::{JobPhase, StepPhase};
 use kubewan_crds::{StepId, TravelJob};
 use kubewan_e2e::*;
 
@@ -319,11 +319,11 @@ async fn a_pod_the_kubelet_refuses_to_admit_is_a_failed_attempt_and_is_retried()
         "target": {"apiVersion": "v1", "kind": "Node", "name": node},
     });
     let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
-    pods.create_subresource::<serde_json::Value>(
+    pods.create_subresource::<_, serde_json::Value>(
         "binding",
         "refused-seg-0-1",
         &PostParams::default(),
-        serde_json::to_vec(&binding).unwrap(),
+        &binding,
     )
     .await
     .unwrap();
