@@ -133,17 +133,25 @@ impl LeaderElector {
     }
 
     /// Renews the lease until it cannot be renewed within the deadline; returns
-    /// the error that lost it.
+    /// the error that lost it. A failed renewal is tried again until then; a
+    /// renewal the API server does not answer is given up at the deadline, so
+    /// this process stops acting before another replica may take the lease
+    /// (waiting for the request's own timeout, minutes, would let two lead).
     pub async fn keep(&mut self) -> Error {
         let mut last_ok = Instant::now();
         loop {
             tokio::time::sleep(self.settings.retry).await;
-            match self.try_acquire_or_renew().await {
-                Ok(true) => last_ok = Instant::now(),
-                Ok(false) => return Error::Leader("another replica took the lease".into()),
-                Err(e) => tracing::warn!(error = %e, "leader election: renewal failed"),
+            let left = self
+                .settings
+                .renew_deadline
+                .saturating_sub(last_ok.elapsed());
+            match tokio::time::timeout(left, self.try_acquire_or_renew()).await {
+                Ok(Ok(true)) => last_ok = Instant::now(),
+                Ok(Ok(false)) => return Error::Leader("another replica took the lease".into()),
+                Ok(Err(e)) => tracing::warn!(error = %e, "leader election: renewal failed"),
+                Err(_) => tracing::warn!("leader election: renewal unanswered"),
             }
-            if last_ok.elapsed() > self.settings.renew_deadline {
+            if last_ok.elapsed() >= self.settings.renew_deadline {
                 return Error::Leader(format!(
                     "could not renew the lease for {:?}",
                     self.settings.renew_deadline
@@ -184,5 +192,36 @@ mod tests {
         assert!(expired(Some(""), d, Duration::ZERO));
         assert!(!expired(Some("a"), d, Duration::from_secs(14)));
         assert!(expired(Some("a"), d, Duration::from_secs(15)));
+    }
+
+    /// An API server that accepts connections and never answers (overloaded,
+    /// or cut off mid-request): the holder gives leadership up at its renew
+    /// deadline, not when the request times out minutes later.
+    #[tokio::test]
+    async fn an_unanswered_renewal_loses_the_lease_at_the_renew_deadline() {
+        let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", silent.local_addr().unwrap());
+        let config = kube::Config::new(url.parse().unwrap());
+        let client = kube::Client::try_from(config).unwrap();
+        let mut elector = LeaderElector::new(
+            Api::namespaced(client, "default"),
+            LeaseSettings {
+                name: "kubewan-leader".into(),
+                identity: "a".into(),
+                duration: Duration::from_millis(600),
+                retry: Duration::from_millis(50),
+                renew_deadline: Duration::from_millis(400),
+            },
+        );
+        let started = Instant::now();
+        let lost = tokio::time::timeout(Duration::from_secs(10), elector.keep())
+            .await
+            .expect("leadership kept while the API server did not answer");
+        assert!(matches!(lost, Error::Leader(_)), "{lost}");
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            started.elapsed()
+        );
     }
 }
