@@ -14,7 +14,7 @@ use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, EvictParams, ListParams, PostParams};
 use kubewan_crds::spec::ComputeDevice;
-use kubewan_crds::status::{JobPhase, StepPhase};
+use kubewan_crds::status::{JobPhase, StepPhase, StepStatus};
 use kubewan_crds::{StepId, TravelJob};
 use kubewan_e2e::*;
 
@@ -162,27 +162,7 @@ async fn an_evicted_pod_is_a_failed_attempt_and_is_retried() {
         .await
         .unwrap();
 
-    let retried = wait_job(
-        &client,
-        ns,
-        "evicted",
-        Duration::from_secs(120),
-        "segment 0's second attempt",
-        |j| {
-            j.status
-                .as_ref()
-                .and_then(|s| s.step(StepId::Segment(0)))
-                .is_some_and(|s| s.attempts == 2)
-        },
-    )
-    .await
-    .unwrap();
-    let segment = retried
-        .status
-        .as_ref()
-        .unwrap()
-        .step(StepId::Segment(0))
-        .unwrap();
+    let segment = second_attempt(&client, ns, "evicted", Duration::from_secs(120)).await;
     println!("segment 0: {segment:?}");
     assert_eq!(segment.failed_attempts, [1]);
     assert_eq!(segment.phase, StepPhase::Running);
@@ -201,6 +181,50 @@ async fn an_evicted_pod_is_a_failed_attempt_and_is_retried() {
     jobs.delete("evicted", &DeleteParams::default())
         .await
         .unwrap();
+}
+
+/// Segment 0's status once its second attempt started.
+async fn second_attempt(
+    client: &kube::Client,
+    ns: &str,
+    job: &str,
+    timeout: Duration,
+) -> StepStatus {
+    let segment_0 = |j: &TravelJob| {
+        j.status
+            .as_ref()
+            .and_then(|s| s.step(StepId::Segment(0)))
+            .cloned()
+    };
+    let retried = wait_job(
+        client,
+        ns,
+        job,
+        timeout,
+        "segment 0's second attempt",
+        |j| segment_0(j).is_some_and(|s| s.attempts == 2),
+    )
+    .await
+    .unwrap();
+    segment_0(&retried).unwrap()
+}
+
+/// Waits until `job` succeeded; asserts that segment 0 took two attempts, the
+/// first failed, and returns segment 0's status.
+async fn succeeded_on_the_second_attempt(client: &kube::Client, ns: &str, job: &str) -> StepStatus {
+    let done = wait_succeeded(client, ns, job, Duration::from_secs(300)).await;
+    let segment = done
+        .status
+        .unwrap()
+        .step(StepId::Segment(0))
+        .unwrap()
+        .clone();
+    println!("segment 0: {segment:?}");
+    assert_eq!(
+        (segment.attempts, &segment.failed_attempts[..]),
+        (2, &[1][..])
+    );
+    segment
 }
 
 /// The test node's name (the cluster has one node).
@@ -340,15 +364,7 @@ async fn a_pod_the_kubelet_refuses_to_admit_is_a_failed_attempt_and_is_retried()
     assert_eq!(reason.as_deref(), Some("OutOfnvidia.com/gpu"));
     drop(no_gpus);
 
-    let done = wait_succeeded(&client, ns, "refused", Duration::from_secs(300)).await;
-    let segment = done
-        .status
-        .unwrap()
-        .step(StepId::Segment(0))
-        .unwrap()
-        .clone();
-    println!("segment 0: {segment:?}");
-    assert_eq!((segment.attempts, segment.failed_attempts), (2, vec![1]));
+    let segment = succeeded_on_the_second_attempt(&client, ns, "refused").await;
     let why = segment.last_failure.unwrap_or_default();
     assert!(why.contains("OutOfnvidia.com/gpu"), "{why}");
 }
@@ -383,27 +399,7 @@ async fn a_pod_on_a_lost_node_is_given_up_and_retried() {
         .await
         .unwrap();
 
-    let retried = wait_job(
-        &client,
-        ns,
-        "lost",
-        Duration::from_secs(240),
-        "segment 0's second attempt",
-        |j| {
-            j.status
-                .as_ref()
-                .and_then(|s| s.step(StepId::Segment(0)))
-                .is_some_and(|s| s.attempts == 2)
-        },
-    )
-    .await
-    .unwrap();
-    let segment = retried
-        .status
-        .unwrap()
-        .step(StepId::Segment(0))
-        .unwrap()
-        .clone();
+    let segment = second_attempt(&client, ns, "lost", Duration::from_secs(240)).await;
     println!("segment 0: {segment:?}");
     assert_eq!(segment.failed_attempts, [1]);
     let why = segment.last_failure.unwrap_or_default();
@@ -415,14 +411,7 @@ async fn a_pod_on_a_lost_node_is_given_up_and_retried() {
     );
 
     drop(lost_node);
-    let done = wait_succeeded(&client, ns, "lost", Duration::from_secs(300)).await;
-    let segment = done
-        .status
-        .unwrap()
-        .step(StepId::Segment(0))
-        .unwrap()
-        .clone();
-    assert_eq!((segment.attempts, segment.failed_attempts), (2, vec![1]));
+    succeeded_on_the_second_attempt(&client, ns, "lost").await;
     wait_until(
         Duration::from_secs(120),
         "the lost pod to be gone",
