@@ -287,6 +287,33 @@ fn raw_get(path: &str) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// Asserts that the node runs `pod`'s container as the restricted Pod
+/// Security Standard asks, read from the OCI spec containerd holds: the
+/// runner's non-root user, a read-only root, no privilege escalation, no
+/// capabilities, the RuntimeDefault seccomp profile. Returns that spec.
+pub fn assert_confined(pod: &Pod) -> serde_json::Value {
+    let oci = runtime_spec(pod).unwrap();
+    let name = pod.name_any();
+    assert_eq!(oci["process"]["user"]["uid"], 65532, "{name}");
+    assert_eq!(oci["process"]["user"]["gid"], 65532, "{name}");
+    assert_eq!(oci["root"]["readonly"], true, "{name}: read-only root");
+    assert_eq!(oci["process"]["noNewPrivileges"], true, "{name}");
+    let seccomp = &oci["linux"]["seccomp"];
+    assert_eq!(
+        seccomp["defaultAction"], "SCMP_ACT_ERRNO",
+        "{name}: RuntimeDefault seccomp: {seccomp}"
+    );
+    let caps = &oci["process"]["capabilities"];
+    for set in ["bounding", "effective", "permitted"] {
+        assert!(
+            caps[set].as_array().is_none_or(|c| c.is_empty()),
+            "{name}: {set} capabilities {}",
+            caps[set]
+        );
+    }
+    oci
+}
+
 /// The OCI runtime spec that the node's containerd holds for the (first)
 /// container of `pod` (`ctr containers info`): what the runtime really applied
 /// (user, read-only root, mounts, capabilities), not what the pod asked for.

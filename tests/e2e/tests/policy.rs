@@ -207,24 +207,8 @@ async fn runner_pods_of_a_claims_only_job_pass_the_restricted_pod_security_stand
         let name = pod.name_any();
         // As the API server stored it, defaults and admission included.
         assert_eq!(restricted_violations(pod), vec![], "{name}");
-        // As the node ran it: the RuntimeDefault seccomp profile applied, no
-        // capabilities, no privilege escalation, a non-root user.
-        let oci = runtime_spec(pod).unwrap();
-        let seccomp = &oci["linux"]["seccomp"];
-        assert_eq!(
-            seccomp["defaultAction"], "SCMP_ACT_ERRNO",
-            "{name}: {seccomp}"
-        );
-        assert_eq!(oci["process"]["noNewPrivileges"], true, "{name}");
-        assert_eq!(oci["process"]["user"]["uid"], 65532, "{name}");
-        let caps = &oci["process"]["capabilities"];
-        for set in ["bounding", "effective", "permitted"] {
-            assert!(
-                caps[set].as_array().is_none_or(|c| c.is_empty()),
-                "{name}: {set} capabilities {}",
-                caps[set]
-            );
-        }
+        // As the node ran it.
+        assert_confined(pod);
     }
 }
 
