@@ -329,7 +329,7 @@ impl Reader {
 
     /// `chunk_bytes` must be a multiple of 8 (every element size divides it).
     fn with(threads: usize, chunk_bytes: usize) -> Self {
-        assert!(threads > 0 && chunk_bytes > 0 && chunk_bytes % 8 == 0);
+        assert!(threads > 0 && chunk_bytes > 0 && chunk_bytes.is_multiple_of(8));
         Self {
             threads,
             chunk_bytes,

@@ -417,8 +417,9 @@ fn write_weights(
 
 /// The weight loader against a plain sequential read of the same files, in one run: `rounds`
 /// times alternating (a) `read()` of every file into one reused 16 MiB buffer, discarding,
-/// (b) `kubewan_model_common::var_builder` (what every model loads through) into `dtype` on the
-/// CPU, dropped again, and (c) the loader as it was before (each tensor read into a byte buffer,
+/// (a') the same read into fresh memory the size of the data (what any loader into anonymous
+/// memory must at least do), (b) `kubewan_model_common::var_builder` (what every model loads
+/// through) into `dtype` on the CPU, dropped again, and (c) the loader as it was before (each tensor read into a byte buffer,
 /// copied into a candle tensor, converted with `to_dtype`); first with the page cache warm,
 /// then cold (each file dropped from the page cache before each run). Prints seconds, GiB/s of
 /// file bytes, loader / read (speed) and the peak RSS of each load (VmHWM, reset before it)
@@ -452,6 +453,23 @@ fn compare_read(
                     k => n += k as u64,
                 }
             }
+        }
+        Ok(n)
+    };
+    // The same sequential read, into fresh memory the size of the data, kept until every file
+    // is read: one copy out of the page cache plus the kernel's page faults (zeroing), the
+    // least any loader that keeps the weights in anonymous memory has to do.
+    let read_fresh = || -> std::io::Result<u64> {
+        let mut kept = Vec::new();
+        let mut n = 0;
+        for f in &files {
+            let mut file = std::fs::File::open(f)?;
+            let mut data = vec![0u8; std::fs::metadata(f)?.len() as usize];
+            for chunk in data.chunks_mut(16 << 20) {
+                file.read_exact(chunk)?;
+                n += chunk.len() as u64;
+            }
+            kept.push(data);
         }
         Ok(n)
     };
@@ -505,13 +523,14 @@ fn compare_read(
             .join(" "),
     );
     println!(
-        "  {:<5} {:>5}  {:>19}  {:>19}  {:>19}  {:>13}  {:>18}",
+        "  {:<5} {:>5}  {:>19}  {:>19}  {:>19}  {:>19}  {:>14}  {:>18}",
         "cache",
         "round",
         "read s, CPU (GiB/s)",
+        "into fresh memory",
         "loader s, CPU",
         "old loader s, CPU",
-        "loader / read",
+        "loader / read, fresh",
         "loader peak RSS"
     );
     let mut summary = Vec::new();
@@ -537,6 +556,11 @@ fn compare_read(
                 assert_eq!(read_all()?, file_bytes);
                 Ok(())
             })?;
+            let (fresh_s, fresh_cpu) = timed(&mut || {
+                assert_eq!(read_fresh()?, file_bytes);
+                Ok(())
+            })?;
+            unsafe { libc::malloc_trim(0) };
             let mut peak = 0;
             let (load_s, load_cpu) = timed(&mut || {
                 let _ = reset_peak();
@@ -555,28 +579,32 @@ fn compare_read(
             unsafe { libc::malloc_trim(0) };
             let speed = |s: f64| gib(file_bytes) / s;
             println!(
-                "  {:<5} {round:>5}  {read_s:>5.2} {read_cpu:>5.2} ({:>5.2})  {load_s:>5.2} {load_cpu:>5.2} ({:>5.2})  {old_s:>5.2} {old_cpu:>5.2} ({:>5.2})  {:>12.2}x  {:>7.3} GiB {:.3}x",
+                "  {:<5} {round:>5}  {read_s:>5.2} {read_cpu:>5.2} ({:>5.2})  {fresh_s:>5.2} {fresh_cpu:>5.2} ({:>5.2})  {load_s:>5.2} {load_cpu:>5.2} ({:>5.2})  {old_s:>5.2} {old_cpu:>5.2} ({:>5.2})  {:>6.2}x {:>6.2}x  {:>7.3} GiB {:.3}x",
                 if cold { "cold" } else { "warm" },
                 speed(read_s),
+                speed(fresh_s),
                 speed(load_s),
                 speed(old_s),
                 read_s / load_s,
+                fresh_s / load_s,
                 gib(peak),
                 peak as f64 / loaded_bytes as f64
             );
-            ratios.push((read_s, load_s, old_s));
+            ratios.push((read_s, load_s, old_s, fresh_s));
         }
         summary.push((cold, ratios));
     }
     for (cold, runs) in summary {
-        let sum = |f: fn(&(f64, f64, f64)) -> f64| runs.iter().map(f).sum::<f64>();
-        let (r, l, o) = (sum(|x| x.0), sum(|x| x.1), sum(|x| x.2));
+        let sum = |f: fn(&(f64, f64, f64, f64)) -> f64| runs.iter().map(f).sum::<f64>();
+        let (r, l, o, f) = (sum(|x| x.0), sum(|x| x.1), sum(|x| x.2), sum(|x| x.3));
         println!(
-            "  {} total over {} rounds: read {r:.2} s, loader {l:.2} s, old loader {o:.2} s: loader / read speed {:.2}x (old {:.2}x)",
+            "  {} total over {} rounds: read {r:.2} s, into fresh memory {f:.2} s, loader {l:.2} s, old loader {o:.2} s: loader / read speed {:.2}x (old {:.2}x), loader / read into fresh memory {:.2}x (old {:.2}x)",
             if cold { "cold" } else { "warm" },
             runs.len(),
             r / l,
-            r / o
+            r / o,
+            f / l,
+            f / o
         );
     }
     println!(
