@@ -403,7 +403,8 @@ impl Reader {
         offset: u64,
         len: usize,
         shape: &[usize],
-        convert: fn(S) -> D,
+        // generic, not a fn pointer: inlined into the loop, which then vectorises
+        convert: impl Fn(S) -> D + Sync,
     ) -> Result<Tensor, ReadError> {
         let n = len / std::mem::size_of::<S>();
         let mut data = zeroed_vec::<D>(n);
