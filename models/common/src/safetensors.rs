@@ -15,6 +15,7 @@ use std::path::{Component, Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
+use half::{bf16, f16};
 
 use crate::{LoadError, read_json};
 
@@ -237,20 +238,329 @@ impl SafetensorsFile {
     }
 
     fn read(&self, info: &TensorInfo) -> Result<Tensor, LoadError> {
-        // The header fits the file, so `len` is below the file size and fits usize.
-        let mut buf = vec![0u8; info.len as usize];
-        self.file
-            .read_exact_at(&mut buf, info.offset)
-            .map_err(|source| LoadError::Read {
+        self.load(info, info.dtype, &mut Reader::new())
+    }
+
+    /// The tensor `info` of this file on the CPU, floats in `dtype` (other
+    /// tensors keep their dtype), read by `reader` (see [`Reader`]).
+    fn load(
+        &self,
+        info: &TensorInfo,
+        dtype: DType,
+        reader: &mut Reader,
+    ) -> Result<Tensor, LoadError> {
+        let target = if info.dtype.is_float() {
+            dtype
+        } else {
+            info.dtype
+        };
+        reader.load(&self.file, info, target).map_err(|e| match e {
+            ReadError::Io(source) => LoadError::Read {
                 path: self.path.clone(),
                 source,
-            })?;
-        Tensor::from_raw_buffer(&buf, info.dtype, &info.shape, &Device::Cpu).map_err(|source| {
-            LoadError::Safetensors {
+            },
+            ReadError::Candle(source) => LoadError::Safetensors {
                 path: self.path.clone(),
                 source,
-            }
+            },
         })
+    }
+}
+
+/// Source bytes one worker reads (and, when the dtype changes, converts) at a
+/// time: a tensor larger than this is read in chunks of it by several threads.
+const CHUNK_BYTES: usize = 8 << 20;
+
+/// How far ahead of the tensor being read the kernel is asked to read the file.
+const READ_AHEAD_BYTES: u64 = 64 << 20;
+
+/// Asks the kernel to read `file` from `*ahead` to `to` into the page cache in
+/// the background (POSIX_FADV_WILLNEED: the disk works on the next tensors
+/// while this one is copied and converted) and advances `*ahead`, in steps of
+/// at least a quarter of [`READ_AHEAD_BYTES`]. Only a hint: errors are ignored.
+fn read_ahead(file: &File, ahead: &mut u64, to: u64) {
+    use std::os::fd::AsRawFd;
+    if to < *ahead + READ_AHEAD_BYTES / 4 {
+        return;
+    }
+    // SAFETY: a valid open descriptor; the advice reads pages, it changes nothing.
+    unsafe {
+        libc::posix_fadvise(
+            file.as_raw_fd(),
+            *ahead as libc::off_t,
+            (to - *ahead) as libc::off_t,
+            libc::POSIX_FADV_WILLNEED,
+        );
+    }
+    *ahead = to;
+}
+
+/// The threads that read a large tensor: the cores, at least 2 (so that one
+/// thread's read overlaps another's conversion or page faults) and at most 8.
+fn read_threads() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get().clamp(2, 8))
+}
+
+enum ReadError {
+    Io(std::io::Error),
+    Candle(candle_core::Error),
+}
+
+/// Reads tensors straight into the memory candle keeps: the bytes of a tensor
+/// whose dtype stays are read (positioned reads) into its final buffer, and
+/// a tensor converted between f32, bf16 and f16 is read a chunk at a time into
+/// a scratch buffer of [`CHUNK_BYTES`] per thread and converted from there into
+/// its final buffer, with the same conversions candle's `to_dtype` makes (so
+/// the values are bit-identical to reading the tensor and converting it). A
+/// tensor larger than a chunk is spread over [`read_threads`] threads. What it
+/// holds besides the tensors: the scratch buffers, allocated on the first
+/// conversion and kept for the next tensors.
+struct Reader {
+    threads: usize,
+    /// [`CHUNK_BYTES`] (smaller in tests, to cross chunk boundaries with little data).
+    chunk_bytes: usize,
+    scratch: Vec<Vec<u64>>,
+}
+
+impl Reader {
+    fn new() -> Self {
+        Self::with(read_threads(), CHUNK_BYTES)
+    }
+
+    /// `chunk_bytes` must be a multiple of 8 (every element size divides it).
+    fn with(threads: usize, chunk_bytes: usize) -> Self {
+        assert!(threads > 0 && chunk_bytes > 0 && chunk_bytes.is_multiple_of(8));
+        Self {
+            threads,
+            chunk_bytes,
+            scratch: Vec::new(),
+        }
+    }
+
+    fn load(&mut self, file: &File, info: &TensorInfo, target: DType) -> Result<Tensor, ReadError> {
+        use DType::{BF16, F16, F32};
+        // The header fits the file, so `len` is below the file size and fits usize.
+        let len = info.len as usize;
+        let shape = info.shape.as_slice();
+        match (info.dtype, target) {
+            (from, to) if from == to => match from {
+                F32 => self.direct::<f32>(file, info.offset, len, shape),
+                BF16 => self.direct::<bf16>(file, info.offset, len, shape),
+                F16 => self.direct::<f16>(file, info.offset, len, shape),
+                DType::F64 => self.direct::<f64>(file, info.offset, len, shape),
+                DType::I64 => self.direct::<i64>(file, info.offset, len, shape),
+                DType::I32 => self.direct::<i32>(file, info.offset, len, shape),
+                DType::I16 => self.direct::<i16>(file, info.offset, len, shape),
+                DType::U32 => self.direct::<u32>(file, info.offset, len, shape),
+                DType::U8 => self.direct::<u8>(file, info.offset, len, shape),
+                _ => self.via_candle(file, info, target),
+            },
+            // The conversions of candle's CPU `to_dtype` (candle-core's cpu_backend).
+            (BF16, F32) => self.converted(file, info.offset, len, shape, |v: bf16| v.to_f32()),
+            (F16, F32) => self.converted(file, info.offset, len, shape, |v: f16| v.to_f32()),
+            (F32, BF16) => self.converted(file, info.offset, len, shape, bf16::from_f32),
+            (F16, BF16) => self.converted(file, info.offset, len, shape, |v: f16| {
+                bf16::from_f32(v.to_f32())
+            }),
+            (F32, F16) => self.converted(file, info.offset, len, shape, f16::from_f32),
+            (BF16, F16) => self.converted(file, info.offset, len, shape, |v: bf16| {
+                f16::from_f32(v.to_f32())
+            }),
+            _ => self.via_candle(file, info, target),
+        }
+    }
+
+    /// A tensor in its stored dtype `T`: its bytes read into its buffer.
+    fn direct<T: Plain>(
+        &mut self,
+        file: &File,
+        offset: u64,
+        len: usize,
+        shape: &[usize],
+    ) -> Result<Tensor, ReadError> {
+        let mut data = zeroed_vec::<T>(len / std::mem::size_of::<T>());
+        let chunk = self.chunk_bytes / std::mem::size_of::<T>();
+        let threads = self.threads;
+        in_parallel(
+            threads,
+            data.chunks_mut(chunk).enumerate(),
+            |(i, dst): (usize, &mut [T])| {
+                let at = offset + (i * chunk * std::mem::size_of::<T>()) as u64;
+                let dst = as_bytes_mut(dst);
+                populate(dst);
+                file.read_exact_at(dst, at)
+            },
+        )
+        .map_err(ReadError::Io)?;
+        Tensor::from_vec(data, shape, &Device::Cpu).map_err(ReadError::Candle)
+    }
+
+    /// A tensor stored as `S`, converted element by element with `convert`
+    /// into a buffer of `D`.
+    fn converted<S: Plain, D: Plain>(
+        &mut self,
+        file: &File,
+        offset: u64,
+        len: usize,
+        shape: &[usize],
+        // generic, not a fn pointer: inlined into the loop, which then vectorises
+        convert: impl Fn(S) -> D + Sync,
+    ) -> Result<Tensor, ReadError> {
+        let n = len / std::mem::size_of::<S>();
+        let mut data = zeroed_vec::<D>(n);
+        let chunk = self.chunk_bytes / std::mem::size_of::<S>();
+        let workers = self.threads.min(n.div_ceil(chunk).max(1));
+        while self.scratch.len() < workers {
+            self.scratch.push(Vec::new());
+        }
+        for s in &mut self.scratch[..workers] {
+            if s.is_empty() {
+                *s = vec![0u64; self.chunk_bytes / 8];
+            }
+        }
+        let work = std::sync::Mutex::new(data.chunks_mut(chunk).enumerate());
+        let job = |scratch: &mut Vec<u64>| -> std::io::Result<()> {
+            loop {
+                let Some((i, dst)) = work.lock().unwrap_or_else(|e| e.into_inner()).next() else {
+                    return Ok(());
+                };
+                let src = &mut as_plain_mut::<S>(scratch)[..dst.len()];
+                let at = offset + (i * chunk * std::mem::size_of::<S>()) as u64;
+                file.read_exact_at(as_bytes_mut(src), at)?;
+                populate(as_bytes_mut(dst));
+                for (d, s) in dst.iter_mut().zip(src.iter()) {
+                    *d = convert(*s);
+                }
+            }
+        };
+        let (first, rest) = self.scratch[..workers].split_at_mut(1);
+        std::thread::scope(|scope| {
+            let others: Vec<_> = rest.iter_mut().map(|s| scope.spawn(|| job(s))).collect();
+            let mine = job(&mut first[0]);
+            others
+                .into_iter()
+                .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+                .fold(mine, |a, b| a.and(b))
+        })
+        .map_err(ReadError::Io)?;
+        Tensor::from_vec(data, shape, &Device::Cpu).map_err(ReadError::Candle)
+    }
+
+    /// Any other conversion (f64 and the integers): read, then candle's `to_dtype`.
+    fn via_candle(
+        &mut self,
+        file: &File,
+        info: &TensorInfo,
+        target: DType,
+    ) -> Result<Tensor, ReadError> {
+        let mut buf = zeroed_vec::<u8>(info.len as usize);
+        file.read_exact_at(&mut buf, info.offset)
+            .map_err(ReadError::Io)?;
+        Tensor::from_raw_buffer(&buf, info.dtype, &info.shape, &Device::Cpu)
+            .and_then(|t| t.to_dtype(target))
+            .map_err(ReadError::Candle)
+    }
+}
+
+/// Runs `job` on every item of `items`, on up to `threads` threads (the
+/// calling one included) taking items in turn; the first error is returned
+/// once every thread has stopped. One item runs on the calling thread alone.
+fn in_parallel<I, F>(threads: usize, items: I, job: F) -> std::io::Result<()>
+where
+    I: ExactSizeIterator + Send,
+    I::Item: Send,
+    F: Fn(I::Item) -> std::io::Result<()> + Sync,
+{
+    let workers = threads.min(items.len());
+    let work = std::sync::Mutex::new(items);
+    let run = || -> std::io::Result<()> {
+        loop {
+            let Some(item) = work.lock().unwrap_or_else(|e| e.into_inner()).next() else {
+                return Ok(());
+            };
+            job(item)?;
+        }
+    };
+    if workers <= 1 {
+        return run();
+    }
+    std::thread::scope(|scope| {
+        let others: Vec<_> = (1..workers).map(|_| scope.spawn(run)).collect();
+        let mine = run();
+        others
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+            .fold(mine, |a, b| a.and(b))
+    })
+}
+
+/// Element types whose every bit pattern (all zeros included) is a value and
+/// that have no padding, so their buffers can be filled as bytes.
+///
+/// # Safety
+/// Only for such types.
+unsafe trait Plain: candle_core::WithDType + Copy + Send + Sync {}
+unsafe impl Plain for f32 {}
+unsafe impl Plain for f64 {}
+unsafe impl Plain for bf16 {}
+unsafe impl Plain for f16 {}
+unsafe impl Plain for i64 {}
+unsafe impl Plain for i32 {}
+unsafe impl Plain for i16 {}
+unsafe impl Plain for u32 {}
+unsafe impl Plain for u8 {}
+
+fn as_bytes_mut<T: Plain>(values: &mut [T]) -> &mut [u8] {
+    // SAFETY: `T` has no padding and any bytes written make valid values (`Plain`).
+    unsafe {
+        std::slice::from_raw_parts_mut(values.as_mut_ptr().cast(), std::mem::size_of_val(values))
+    }
+}
+
+/// The scratch words viewed as `T`s (at most 8 bytes each, so they are aligned).
+fn as_plain_mut<T: Plain>(words: &mut [u64]) -> &mut [T] {
+    const { assert!(std::mem::align_of::<T>() <= 8) };
+    let n = std::mem::size_of_val(words) / std::mem::size_of::<T>();
+    // SAFETY: u64 alignment satisfies `T`'s; every bit pattern is a valid `T` (`Plain`).
+    unsafe { std::slice::from_raw_parts_mut(words.as_mut_ptr().cast(), n) }
+}
+
+/// Faults in the whole pages of `bytes` in one call (MADV_POPULATE_WRITE)
+/// instead of one page fault per 4 KiB page as the read or the conversion
+/// writes them. Only a hint: kernels before 5.14 refuse it, and then the
+/// pages are faulted in as they are written.
+fn populate(bytes: &mut [u8]) {
+    const PAGE: usize = 4096;
+    let start = (bytes.as_mut_ptr() as usize).next_multiple_of(PAGE);
+    let end = (bytes.as_mut_ptr() as usize + bytes.len()) / PAGE * PAGE;
+    if end > start {
+        // SAFETY: the range lies within `bytes`, which we may write; populating
+        // pages for writing leaves their contents as they are.
+        unsafe {
+            libc::madvise(
+                start as *mut libc::c_void,
+                end - start,
+                libc::MADV_POPULATE_WRITE,
+            )
+        };
+    }
+}
+
+/// `n` zeros of `T`, allocated zeroed (fresh pages from the system for large
+/// buffers: no pass over the memory before the read fills it).
+fn zeroed_vec<T: Plain>(n: usize) -> Vec<T> {
+    if n == 0 {
+        return Vec::new();
+    }
+    let layout = std::alloc::Layout::array::<T>(n).expect("a tensor smaller than its file");
+    // SAFETY: a non-zero size; all-zero bytes are a valid `T` (`Plain`); the
+    // Vec owns the allocation with the layout it frees it with (n × T, T's alignment).
+    unsafe {
+        let ptr = std::alloc::alloc_zeroed(layout).cast::<T>();
+        if ptr.is_null() {
+            std::alloc::handle_alloc_error(layout);
+        }
+        Vec::from_raw_parts(ptr, n, n)
     }
 }
 
@@ -363,7 +673,13 @@ pub fn safetensors_files(dir: &Path, stem: &str) -> Result<Vec<PathBuf>, LoadErr
 /// Reads one tensor at a time with positioned reads instead of memory-mapping:
 /// candle's mmap-backed VarBuilder keeps every mapped page resident (RssFile)
 /// while it copies tensors out, so a CPU load would peak at twice the weights.
-/// Here the peak is the weights plus one tensor (on a GPU: one tensor of host memory).
+/// Each tensor is read straight into the buffer the tensor keeps (one copy out
+/// of the page cache), by several threads when it is large; floats stored in
+/// another dtype are converted chunk by chunk as they are read, bit for bit as
+/// candle's `to_dtype` converts them. The file is read in order, the kernel
+/// asked to read ahead of it. Here the peak is the weights plus, when
+/// converting, one 8 MiB scratch buffer per reading thread (on a GPU: plus one
+/// tensor of host memory, copied to the device as it is read).
 pub fn var_builder(
     dir: &Path,
     stem: &str,
@@ -375,8 +691,8 @@ pub fn var_builder(
 
 /// A change made to every tensor as it is loaded: it gets the tensor's name and
 /// the tensor (floats in the load dtype, on the load device) and returns what
-/// the model is built from under that name. It runs before the next tensor is
-/// read, so the load's peak stays the weights plus one tensor (and whatever the
+/// the model is built from under that name; tensors come in the order of their
+/// bytes in the file. It runs before the next tensor is read, so the load's peak stays the weights plus one tensor (and whatever the
 /// transform allocates for that one tensor).
 pub type TensorTransform<'a, E> = dyn FnMut(&str, Tensor) -> Result<Tensor, E> + 'a;
 
@@ -390,8 +706,9 @@ pub fn var_builder_with<E: From<LoadError>>(
     transform: &mut TensorTransform<'_, E>,
 ) -> Result<VarBuilder<'static>, E> {
     let mut tensors = HashMap::new();
+    let mut reader = Reader::new();
     for path in safetensors_files(dir, stem)? {
-        read_safetensors(&path, dtype, device, transform, &mut tensors)?;
+        read_safetensors(&path, dtype, device, transform, &mut reader, &mut tensors)?;
     }
     Ok(VarBuilder::from_tensors(tensors, dtype, device))
 }
@@ -422,12 +739,24 @@ fn read_safetensors<E: From<LoadError>>(
     dtype: DType,
     device: &Device,
     transform: &mut TensorTransform<'_, E>,
+    reader: &mut Reader,
     out: &mut HashMap<String, Tensor>,
 ) -> Result<(), E> {
     let file = SafetensorsFile::open(path)?;
-    for (name, info) in &file.header.tensors {
-        let tensor = to_load_dtype(file.read(info)?, dtype)
-            .and_then(|t| t.to_device(device))
+    // In file order, the kernel told to read ahead of the tensor being read:
+    // one sequential pass over the file however the reading threads interleave.
+    let mut order: Vec<_> = file.header.tensors.iter().collect();
+    order.sort_by_key(|(_, info)| info.offset);
+    let mut ahead = 0;
+    for (name, info) in order {
+        read_ahead(
+            &file.file,
+            &mut ahead,
+            info.offset + info.len + READ_AHEAD_BYTES,
+        );
+        let tensor = file
+            .load(info, dtype, reader)?
+            .to_device(device)
             .map_err(|source| LoadError::Safetensors {
                 path: path.to_owned(),
                 source,
@@ -435,16 +764,6 @@ fn read_safetensors<E: From<LoadError>>(
         out.insert(name.clone(), transform(name, tensor)?);
     }
     Ok(())
-}
-
-/// `tensor` with floats converted to `dtype`; integer tensors (token ids,
-/// positions) keep their dtype.
-fn to_load_dtype(tensor: Tensor, dtype: DType) -> candle_core::Result<Tensor> {
-    if tensor.dtype().is_float() && tensor.dtype() != dtype {
-        tensor.to_dtype(dtype)
-    } else {
-        Ok(tensor)
-    }
 }
 
 #[cfg(test)]
@@ -536,6 +855,259 @@ mod tests {
         .err()
         .unwrap();
         assert!(err.to_string().contains("refused w"), "{err}");
+    }
+
+    /// `n` pseudo-random 64-bit words (xorshift; the same every run).
+    fn random_words(n: usize, seed: u64) -> Vec<u64> {
+        let mut x = seed | 1;
+        (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x
+            })
+            .collect()
+    }
+
+    /// A tensor of `dtype` whose bytes are `n` elements of random bits after
+    /// the values conversions treat specially (zeros, infinities, NaNs with
+    /// payloads, subnormals, the largest values, halfway cases of rounding).
+    fn random_tensor(dtype: DType, shape: &[usize], seed: u64) -> Tensor {
+        let n: usize = shape.iter().product();
+        let size = dtype.size_in_bytes();
+        let mut bytes: Vec<u8> = random_words((n * size).div_ceil(8), seed)
+            .iter()
+            .flat_map(|w| w.to_le_bytes())
+            .take(n * size)
+            .collect();
+        let special: &[u32] = match dtype {
+            DType::F32 => &[
+                0,
+                0x8000_0000,
+                0x7f80_0000,
+                0xff80_0000,
+                0x7fc0_0001,
+                0x7f80_0001,
+                0xffc1_2345,
+                0x0000_0001,
+                0x807f_ffff,
+                0x7f7f_ffff,
+                0x3f80_8000,
+                0x3f81_8000,
+                0x3f80_7fff,
+                0x477f_f000,
+                0x477f_efff,
+                0x3380_0000,
+                0x3300_0001,
+                0x387f_e000,
+            ],
+            DType::F64 => &[],
+            _ => &[
+                0, 0x8000, 0x7c00, 0xfc00, 0x7e01, 0x7c01, 0x7f80, 0xff80, 0x7fc1, 0x7f81, 0x0001,
+                0x83ff, 0x7bff, 0x7f7f, 0x3c00,
+            ],
+        };
+        for (i, v) in special.iter().enumerate().take(n) {
+            bytes[i * size..(i + 1) * size].copy_from_slice(&v.to_le_bytes()[..size]);
+        }
+        Tensor::from_raw_buffer(&bytes, dtype, shape, &Device::Cpu).unwrap()
+    }
+
+    /// The tensor's bytes as stored in memory (so NaNs compare by their bits).
+    fn bits(t: &Tensor) -> Vec<u8> {
+        let t = t.flatten_all().unwrap();
+        match t.dtype() {
+            DType::F32 => t
+                .to_vec1::<f32>()
+                .unwrap()
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect(),
+            DType::BF16 => t
+                .to_vec1::<bf16>()
+                .unwrap()
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect(),
+            DType::F16 => t
+                .to_vec1::<f16>()
+                .unwrap()
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect(),
+            DType::I64 => t
+                .to_vec1::<i64>()
+                .unwrap()
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect(),
+            DType::F64 => t
+                .to_vec1::<f64>()
+                .unwrap()
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect(),
+            other => panic!("no bits for {other:?}"),
+        }
+    }
+
+    /// A checkpoint with f32, bf16 and f16 tensors of random bits (one of each
+    /// large enough to span several 8 MiB chunks of the default reader), an
+    /// f64, an integer and an empty tensor.
+    fn write_mixed(dir: &Path) -> PathBuf {
+        let mut tensors = HashMap::new();
+        for (i, dtype) in [DType::F32, DType::BF16, DType::F16]
+            .into_iter()
+            .enumerate()
+        {
+            let seed = 17 + i as u64;
+            let name = format!("{dtype:?}").to_lowercase();
+            // 2,500,007 elements: 3 chunks of bf16/f16, 2 of f32, an odd tail.
+            tensors.insert(
+                format!("{name}.big"),
+                random_tensor(dtype, &[2_500_007], seed),
+            );
+            tensors.insert(
+                format!("{name}.w"),
+                random_tensor(dtype, &[37, 61], seed * 3),
+            );
+            tensors.insert(format!("{name}.b"), random_tensor(dtype, &[5], seed * 5));
+            tensors.insert(format!("{name}.one"), random_tensor(dtype, &[], seed * 7));
+        }
+        tensors.insert("f64".into(), random_tensor(DType::F64, &[9, 3], 99));
+        tensors.insert(
+            "ids".into(),
+            Tensor::new(&[3i64, -1, i64::MAX], &Device::Cpu).unwrap(),
+        );
+        tensors.insert(
+            "empty".into(),
+            Tensor::zeros((0, 4), DType::BF16, &Device::Cpu).unwrap(),
+        );
+        let path = dir.join("model.safetensors");
+        candle_core::safetensors::save(&tensors, &path).unwrap();
+        path
+    }
+
+    /// What loading `name` into `dtype` gave before the loader read straight
+    /// into the tensors: the bytes read on their own, a candle tensor made of
+    /// them, floats converted with `to_dtype`.
+    fn plain_read(path: &Path, name: &str, dtype: DType) -> Tensor {
+        let header = read_header(path).unwrap();
+        let info = &header.tensors[name];
+        let bytes = std::fs::read(path).unwrap();
+        let range = info.offset as usize..(info.offset + info.len) as usize;
+        let t =
+            Tensor::from_raw_buffer(&bytes[range], info.dtype, &info.shape, &Device::Cpu).unwrap();
+        if t.dtype().is_float() && t.dtype() != dtype {
+            t.to_dtype(dtype).unwrap()
+        } else {
+            t
+        }
+    }
+
+    /// Every tensor `var_builder_with` hands its transform, by name.
+    fn loaded(dir: &Path, dtype: DType) -> BTreeMap<String, Tensor> {
+        let mut seen = BTreeMap::new();
+        var_builder_with(
+            dir,
+            "model",
+            dtype,
+            &Device::Cpu,
+            &mut |name: &str, t: Tensor| {
+                seen.insert(name.to_owned(), t.clone());
+                Ok::<_, LoadError>(t)
+            },
+        )
+        .unwrap();
+        seen
+    }
+
+    #[test]
+    fn loaded_tensors_are_bit_identical_to_a_plain_read_and_candle_conversion() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write_mixed(dir.path());
+        let file = SafetensorsFile::open(&path).unwrap();
+        for dtype in [DType::F32, DType::BF16, DType::F16] {
+            let got = loaded(dir.path(), dtype);
+            assert_eq!(got.len(), file.header.tensors.len());
+            // and through readers with small chunks and several threads, whose chunk
+            // boundaries fall inside every tensor but the smallest (the tiniest chunks
+            // only for the small tensors: one read each)
+            let mut small = [
+                Reader::with(3, 1 << 20),
+                Reader::with(3, 8),
+                Reader::with(2, 1024),
+                Reader::with(1, 40),
+            ];
+            for (name, info) in &file.header.tensors {
+                let want = plain_read(&path, name, dtype);
+                let what = format!("{name} ({:?}) loaded as {dtype:?}", info.dtype);
+                assert_eq!(got[name].dtype(), want.dtype(), "{what}");
+                assert_eq!(got[name].dims(), want.dims(), "{what}");
+                assert!(bits(&got[name]) == bits(&want), "{what}: bits differ");
+                for reader in &mut small {
+                    if info.len > 64 << 10 && reader.chunk_bytes < 1 << 20 {
+                        continue;
+                    }
+                    let t = file.load(info, dtype, reader).unwrap();
+                    assert!(
+                        bits(&t) == bits(&want),
+                        "{what}, chunks of {}: bits differ",
+                        reader.chunk_bytes
+                    );
+                }
+            }
+            // the stored dtype, one tensor at a time (how LoRA files are read)
+            for name in file.header.tensors.keys() {
+                let want = plain_read(&path, name, file.header.tensors[name].dtype);
+                assert!(bits(&file.tensor(name).unwrap()) == bits(&want), "{name}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_lora_merged_while_loading_matches_one_merged_into_a_plain_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write_mixed(dir.path());
+        // A rank-4 LoRA for every 2-D weight: W + scale * up @ down, in the load dtype.
+        let lora = |name: &str, t: &Tensor| -> candle_core::Result<Tensor> {
+            if t.rank() != 2 {
+                return Ok(t.clone());
+            }
+            let (out, inn) = t.dims2()?;
+            let seed = name.len() as u64;
+            let up = random_tensor(DType::F32, &[out, 4], seed).clamp(-1f32, 1f32)?;
+            let down = random_tensor(DType::F32, &[4, inn], seed + 1).clamp(-1f32, 1f32)?;
+            let delta = (up.matmul(&down)? * 0.5)?.to_dtype(t.dtype())?;
+            t + delta
+        };
+        for dtype in [DType::F32, DType::BF16] {
+            let mut names = Vec::new();
+            let vb = var_builder_with(
+                dir.path(),
+                "model",
+                dtype,
+                &Device::Cpu,
+                &mut |name: &str, t: Tensor| {
+                    names.push(name.to_owned());
+                    lora(name, &t).map_err(|source| LoadError::Safetensors {
+                        path: name.into(),
+                        source,
+                    })
+                },
+            )
+            .unwrap();
+            assert!(names.iter().any(|n| n == "bf16.w"), "{names:?}");
+            for name in ["f32.w", "bf16.w", "f16.w", "f32.big", "f16.b"] {
+                let want = lora(name, &plain_read(&path, name, dtype)).unwrap();
+                let got = vb.get_unchecked_dtype(name, dtype).unwrap();
+                assert!(
+                    bits(&got) == bits(&want),
+                    "{name} as {dtype:?}: bits differ"
+                );
+            }
+        }
     }
 
     #[test]

@@ -12,6 +12,11 @@
 //!     ... --example dit_1_3b_step -- --load DIR [--mmap | --lora FILE[:SCALE]]   (load DIR with
 //!             WanTransformer::load, candle's mmap VarBuilder for comparison, or with the LoRA merged)
 //!
+//!     ... --example dit_1_3b_step -- --load DIR --compare-read [--rounds 3] [--dtype f32|bf16]
+//!             (no step: the loader against a plain sequential read of the same files, alternating,
+//!             page cache warm, then cold (the files dropped from the page cache with
+//!             posix_fadvise(DONTNEED) before each run): seconds, GiB/s, loader / read, peak RSS)
+//!
 //! By default the weights are generated in memory (normal, std 1/sqrt(fan_in)). Exits 1 when the
 //! peak RSS exceeds twice the weights.
 
@@ -91,6 +96,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             std::path::Path::new(file),
             &cfg,
             arg("--rank", "64").parse()?,
+        );
+    }
+    if args.iter().any(|a| a == "--compare-read") {
+        let dir = value("--load").ok_or("--compare-read needs --load DIR")?;
+        return compare_read(
+            std::path::Path::new(dir),
+            dtype,
+            arg("--rounds", "3").parse()?,
         );
     }
     let repeat: usize = arg("--repeat", "1").parse()?;
@@ -399,5 +412,210 @@ fn write_weights(
         serde_json::to_string_pretty(cfg)?,
     )?;
     println!("wrote {} tensors to {}", map.len(), dir.display());
+    Ok(())
+}
+
+/// The weight loader against a plain sequential read of the same files, in one run: `rounds`
+/// times alternating (a) `read()` of every file into one reused 16 MiB buffer, discarding,
+/// (a') the same read into fresh memory the size of the data (what any loader into anonymous
+/// memory must at least do), (b) `kubewan_model_common::var_builder` (what every model loads
+/// through) into `dtype` on the CPU, dropped again, and (c) the loader as it was before (each tensor read into a byte buffer,
+/// copied into a candle tensor, converted with `to_dtype`); first with the page cache warm,
+/// then cold (each file dropped from the page cache before each run). Prints seconds, GiB/s of
+/// file bytes, loader / read (speed) and the peak RSS of each load (VmHWM, reset before it)
+/// against the bytes loaded.
+fn compare_read(
+    dir: &std::path::Path,
+    dtype: DType,
+    rounds: usize,
+) -> Result<(), Box<dyn std::error::Error>> {
+    use std::io::Read;
+    use std::os::unix::io::AsRawFd;
+    let stem = checkpoint::TRANSFORMER_WEIGHTS.stem;
+    let files = kubewan_model_common::safetensors_files(dir, stem)?;
+    let mut file_bytes = 0;
+    let mut loaded_bytes = 0;
+    let mut stored = std::collections::BTreeSet::new();
+    for f in &files {
+        file_bytes += std::fs::metadata(f)?.len();
+        let header = kubewan_model_common::safetensors::read_header(f)?;
+        loaded_bytes += header.loaded_bytes(dtype);
+        stored.extend(header.tensors.values().map(|t| format!("{:?}", t.dtype)));
+    }
+    let mut buf = vec![0u8; 16 << 20];
+    let mut read_all = || -> std::io::Result<u64> {
+        let mut n = 0;
+        for f in &files {
+            let mut file = std::fs::File::open(f)?;
+            loop {
+                match file.read(&mut buf)? {
+                    0 => break,
+                    k => n += k as u64,
+                }
+            }
+        }
+        Ok(n)
+    };
+    // The same sequential read, into fresh memory the size of the data, kept until every file
+    // is read: one copy out of the page cache plus the kernel's page faults (zeroing), the
+    // least any loader that keeps the weights in anonymous memory has to do.
+    let read_fresh = || -> std::io::Result<u64> {
+        let mut kept = Vec::new();
+        let mut n = 0;
+        for f in &files {
+            let mut file = std::fs::File::open(f)?;
+            let mut data = vec![0u8; std::fs::metadata(f)?.len() as usize];
+            for chunk in data.chunks_mut(16 << 20) {
+                file.read_exact(chunk)?;
+                n += chunk.len() as u64;
+            }
+            kept.push(data);
+        }
+        Ok(n)
+    };
+    let evict = || -> std::io::Result<()> {
+        for f in &files {
+            let file = std::fs::File::open(f)?;
+            // SAFETY: a valid open descriptor; the call only drops clean cached pages.
+            let rc =
+                unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+            if rc != 0 {
+                return Err(std::io::Error::from_raw_os_error(rc));
+            }
+        }
+        Ok(())
+    };
+    // The peak RSS from here on (writing 5 to clear_refs resets VmHWM to the current RSS).
+    let reset_peak = || std::fs::write("/proc/self/clear_refs", "5");
+    let old_loader = || -> Result<usize, Box<dyn std::error::Error>> {
+        use std::os::unix::fs::FileExt;
+        let mut tensors = std::collections::HashMap::new();
+        for f in &files {
+            let file = std::fs::File::open(f)?;
+            let header = kubewan_model_common::safetensors::read_header(f)?;
+            for (name, info) in &header.tensors {
+                let mut bytes = vec![0u8; info.len as usize];
+                file.read_exact_at(&mut bytes, info.offset)?;
+                let mut t = Tensor::from_raw_buffer(&bytes, info.dtype, &info.shape, &Device::Cpu)?;
+                if t.dtype().is_float() && t.dtype() != dtype {
+                    t = t.to_dtype(dtype)?;
+                }
+                tensors.insert(name.clone(), t);
+            }
+        }
+        Ok(tensors.len())
+    };
+    let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    println!(
+        "Loading {} ({} file(s), {:.3} GiB, stored {}) into {dtype:?} on the CPU; {} threads \
+         available; host {}; load average at start: {}",
+        dir.display(),
+        files.len(),
+        gib(file_bytes),
+        stored.into_iter().collect::<Vec<_>>().join("+"),
+        std::thread::available_parallelism().map_or(1, |n| n.get()),
+        hostname.trim(),
+        std::fs::read_to_string("/proc/loadavg")
+            .unwrap_or_default()
+            .split_whitespace()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" "),
+    );
+    println!(
+        "  {:<5} {:>5}  {:>19}  {:>19}  {:>19}  {:>19}  {:>14}  {:>18}",
+        "cache",
+        "round",
+        "read s, CPU (GiB/s)",
+        "into fresh memory",
+        "loader s, CPU",
+        "old loader s, CPU",
+        "loader / read, fresh",
+        "loader peak RSS"
+    );
+    let mut summary = Vec::new();
+    for cold in [false, true] {
+        if cold && evict().is_err() {
+            println!("  cold: posix_fadvise(DONTNEED) failed; no cold runs");
+            break;
+        }
+        if !cold {
+            read_all()?; // warm the page cache
+        }
+        let mut ratios = Vec::new();
+        for round in 1..=rounds {
+            let timed = |f: &mut dyn FnMut() -> Result<(), Box<dyn std::error::Error>>| {
+                if cold {
+                    evict()?;
+                }
+                let (t, c) = (Instant::now(), cpu_seconds());
+                f()?;
+                Ok::<_, Box<dyn std::error::Error>>((t.elapsed().as_secs_f64(), cpu_seconds() - c))
+            };
+            let (read_s, read_cpu) = timed(&mut || {
+                assert_eq!(read_all()?, file_bytes);
+                Ok(())
+            })?;
+            let (fresh_s, fresh_cpu) = timed(&mut || {
+                assert_eq!(read_fresh()?, file_bytes);
+                Ok(())
+            })?;
+            unsafe { libc::malloc_trim(0) };
+            let mut peak = 0;
+            let (load_s, load_cpu) = timed(&mut || {
+                let _ = reset_peak();
+                let vb = kubewan_model_common::var_builder(dir, stem, dtype, &Device::Cpu)?;
+                peak = status_kib("VmHWM:") * 1024;
+                drop(vb);
+                Ok(())
+            })?;
+            // SAFETY: plain glibc call; hands the freed weights back to the system so the
+            // next load faults fresh pages as a first load does.
+            unsafe { libc::malloc_trim(0) };
+            let (old_s, old_cpu) = timed(&mut || {
+                old_loader()?;
+                Ok(())
+            })?;
+            unsafe { libc::malloc_trim(0) };
+            let speed = |s: f64| gib(file_bytes) / s;
+            println!(
+                "  {:<5} {round:>5}  {read_s:>5.2} {read_cpu:>5.2} ({:>5.2})  {fresh_s:>5.2} {fresh_cpu:>5.2} ({:>5.2})  {load_s:>5.2} {load_cpu:>5.2} ({:>5.2})  {old_s:>5.2} {old_cpu:>5.2} ({:>5.2})  {:>6.2}x {:>6.2}x  {:>7.3} GiB {:.3}x",
+                if cold { "cold" } else { "warm" },
+                speed(read_s),
+                speed(fresh_s),
+                speed(load_s),
+                speed(old_s),
+                read_s / load_s,
+                fresh_s / load_s,
+                gib(peak),
+                peak as f64 / loaded_bytes as f64
+            );
+            ratios.push((read_s, load_s, old_s, fresh_s));
+        }
+        summary.push((cold, ratios));
+    }
+    for (cold, runs) in summary {
+        let sum = |f: fn(&(f64, f64, f64, f64)) -> f64| runs.iter().map(f).sum::<f64>();
+        let (r, l, o, f) = (sum(|x| x.0), sum(|x| x.1), sum(|x| x.2), sum(|x| x.3));
+        println!(
+            "  {} total over {} rounds: read {r:.2} s, into fresh memory {f:.2} s, loader {l:.2} s, old loader {o:.2} s: loader / read speed {:.2}x (old {:.2}x), loader / read into fresh memory {:.2}x (old {:.2}x)",
+            if cold { "cold" } else { "warm" },
+            runs.len(),
+            r / l,
+            r / o,
+            f / l,
+            f / o
+        );
+    }
+    println!(
+        "  weights loaded: {:.3} GiB; load average at the end: {}",
+        gib(loaded_bytes),
+        std::fs::read_to_string("/proc/loadavg")
+            .unwrap_or_default()
+            .split_whitespace()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
     Ok(())
 }
