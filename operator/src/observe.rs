@@ -159,8 +159,9 @@ impl PodView {
     }
 }
 
-/// Why a pod failed, in one line: its exit code, then the runner's own message
-/// (or the last log lines, or the kubelet's reason), then the pod's reason.
+/// Why a pod failed, in one line: its exit code, the kubelet's reason when it
+/// says more than the exit code (`OOMKilled`), the runner's own message (or
+/// the last log lines, or the kubelet's generic reason), then the pod's reason.
 fn failure_reason(
     exit_code: Option<i32>,
     report: Option<&RunReport>,
@@ -172,6 +173,12 @@ fn failure_reason(
     if let Some(code) = exit_code {
         parts.push(format!("exit code {code}"));
     }
+    // "Error" and "Completed" only restate the exit code; anything else (the
+    // kernel's OOM kill) is what the runner, killed, could not say itself.
+    let generic = |r: &String| matches!(r.as_str(), "Error" | "Completed");
+    if let Some(reason) = kubelet_reason.as_ref().filter(|r| !generic(r)) {
+        parts.push(reason.clone());
+    }
     if let Some(msg) = report.and_then(|r| r.message.as_deref()) {
         parts.push(one_line(msg, 600));
     } else if !termination_message.trim().is_empty() {
@@ -179,7 +186,7 @@ fn failure_reason(
         let lines: Vec<&str> = termination_message.trim().lines().collect();
         let tail = &lines[lines.len().saturating_sub(3)..];
         parts.push(one_line(&tail.join(" "), 600));
-    } else if let Some(reason) = kubelet_reason {
+    } else if let Some(reason) = kubelet_reason.filter(generic) {
         parts.push(reason);
     }
     if let Some(reason) = &status.reason {
@@ -305,6 +312,20 @@ mod tests {
         // Logs ending with a report line.
         let logs = format!("starting\n{}\n", report.to_termination_message());
         assert!(failed(&logs, 1).report.is_some());
+        // Killed for its memory limit: the kubelet's reason comes first, the
+        // message the runner left before it was killed after it.
+        let mut oom = with_report(
+            pod(StepId::Segment(2), 3, "Failed"),
+            "the runner stopped before writing its report",
+            137,
+        );
+        let statuses = oom.status.as_mut().unwrap().container_statuses.as_mut();
+        let terminated = statuses.unwrap()[0].state.as_mut().unwrap();
+        terminated.terminated.as_mut().unwrap().reason = Some("OOMKilled".into());
+        assert_eq!(
+            PodView::from_pod(&oom).unwrap().failure.as_deref(),
+            Some("exit code 137: OOMKilled: the runner stopped before writing its report")
+        );
     }
 
     #[test]
