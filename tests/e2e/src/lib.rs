@@ -441,9 +441,18 @@ pub async fn run_to_failure(
 ) -> (TravelJobStatus, String) {
     fresh_namespace(client, ns).await.unwrap();
     create_job(client, ns, job).await.unwrap();
-    let done = wait_finished(client, ns, &job.name_any(), Duration::from_secs(300))
-        .await
-        .unwrap();
+    wait_failed(client, ns, &job.name_any(), Duration::from_secs(300)).await
+}
+
+/// Waits until the job finished, asserts it failed, and returns its status
+/// and message (printed).
+pub async fn wait_failed(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    timeout: Duration,
+) -> (TravelJobStatus, String) {
+    let done = wait_finished(client, ns, name, timeout).await.unwrap();
     let status = done.status.unwrap_or_default();
     let message = status.message.clone().unwrap_or_default();
     println!("message: {message}");

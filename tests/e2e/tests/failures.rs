@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use kube::ResourceExt;
-use kubewan_crds::status::{JobPhase, StepPhase};
+use kubewan_crds::status::StepPhase;
 use kubewan_e2e::*;
 
 #[tokio::test]
@@ -21,20 +21,7 @@ async fn a_failing_pod_is_retried_then_fails_the_job_and_the_stitch_never_starts
     job.spec.backoff_limit = 1;
     create_job(&client, ns, &job).await.unwrap();
 
-    let job = wait_job(
-        &client,
-        ns,
-        "broken",
-        Duration::from_secs(300),
-        "finished",
-        |j| j.status.as_ref().is_some_and(|s| s.phase.is_finished()),
-    )
-    .await
-    .unwrap();
-    let status = job.status.clone().unwrap();
-    let message = status.message.clone().unwrap_or_default();
-    println!("message: {message}");
-    assert_eq!(status.phase, JobPhase::Failed, "{message}");
+    let (status, message) = wait_failed(&client, ns, "broken", Duration::from_secs(300)).await;
     assert!(
         message.starts_with("segment 0 failed after 2 attempts (pod broken-seg-0-2)"),
         "{message}"
@@ -116,23 +103,7 @@ async fn the_operator_fails_an_invalid_job_naming_every_problem() {
     // Passes the schema (the v1.20 API server ignores CEL rules): the operator
     // is what rejects it.
     create_job(&client, ns, &job).await.unwrap();
-    let job = wait_job(
-        &client,
-        ns,
-        "escape",
-        Duration::from_secs(60),
-        "Failed",
-        |j| {
-            j.status
-                .as_ref()
-                .is_some_and(|s| s.phase == JobPhase::Failed)
-        },
-    )
-    .await
-    .unwrap();
-    let status = job.status.unwrap();
-    let message = status.message.unwrap();
-    println!("message: {message}");
+    let (status, message) = wait_failed(&client, ns, "escape", Duration::from_secs(60)).await;
     assert!(message.starts_with("invalid TravelJob: "), "{message}");
     assert!(
         message.contains("spec.keyframes[0]") && message.contains("'..'"),

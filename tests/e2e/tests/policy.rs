@@ -14,7 +14,6 @@ use kube::api::{Api, DeleteParams, PostParams};
 use kube::{Client, ResourceExt};
 use kubewan_crds::TravelJob;
 use kubewan_crds::spec::VolumeSource;
-use kubewan_crds::status::JobPhase;
 use kubewan_e2e::*;
 use kubewan_operator::pod_security::restricted_violations;
 use kubewan_operator::policy::{SpecPolicy, VolumeKind};
@@ -45,14 +44,7 @@ fn default_runner_image() -> String {
 
 /// Waits until `name` failed by the policy; returns its status message.
 async fn forbidden_message(client: &Client, ns: &str, name: &str) -> String {
-    let job = wait_job(client, ns, name, Duration::from_secs(60), "Failed", |j| {
-        j.status
-            .as_ref()
-            .is_some_and(|s| s.phase == JobPhase::Failed)
-    })
-    .await
-    .unwrap();
-    let status = job.status.unwrap();
+    let (status, message) = wait_failed(client, ns, name, Duration::from_secs(60)).await;
     let failed = status
         .conditions
         .iter()
@@ -70,7 +62,7 @@ async fn forbidden_message(client: &Client, ns: &str, name: &str) -> String {
         job_pods(client, ns, name).await.unwrap().is_empty(),
         "no pod for a forbidden job"
     );
-    status.message.unwrap()
+    message
 }
 
 #[tokio::test]
