@@ -202,6 +202,7 @@ impl PartialFile {
             .mode(0o644)
             .open(&tmp)
             .with_context(|| format!("cannot create {}", tmp.display()))?;
+        crate::stop::track(&tmp);
         Ok(PartialFile {
             path: path.to_owned(),
             tmp,
@@ -223,6 +224,7 @@ impl PartialFile {
         fs::rename(&self.tmp, &self.path)
             .with_context(|| format!("cannot move {} into place", self.path.display()))?;
         self.committed = true;
+        crate::stop::untrack(&self.tmp);
         Ok(())
     }
 }
@@ -246,6 +248,7 @@ impl Drop for PartialFile {
     fn drop(&mut self) {
         if !self.committed {
             let _ = fs::remove_file(&self.tmp);
+            crate::stop::untrack(&self.tmp);
         }
     }
 }

@@ -16,6 +16,7 @@ pub mod probe;
 pub mod progress;
 pub mod report;
 pub mod stages;
+pub mod stop;
 pub mod task;
 pub mod tiny;
 pub mod video;

@@ -9,7 +9,7 @@ use kubewan_runner::ckpts::{CKPTS_DEFAULT, CKPTS_ENV, CkptRoot};
 use kubewan_runner::local::{LocalOptions, run_local};
 use kubewan_runner::report::{TERMINATION_LOG_DEFAULT, TERMINATION_LOG_ENV};
 use kubewan_runner::stages::Mounts;
-use kubewan_runner::{bench, logging, panics, task, tiny, video_cli, vlm_cli};
+use kubewan_runner::{bench, logging, panics, stop, task, tiny, video_cli, vlm_cli};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -97,6 +97,7 @@ fn tiny_default() -> PathBuf {
 }
 
 fn main() -> ExitCode {
+    stop::on_termination_signals();
     panics::install_hook();
     // Past a file size limit (RLIMIT_FSIZE) a write fails with EFBIG and is
     // reported like a full disk, instead of the signal killing the process.

@@ -6,6 +6,7 @@ mod common;
 
 use common::*;
 use kubewan_crds::StepId;
+use std::time::{Duration, Instant};
 
 fn two_keyframes(v: &Volumes) {
     keyframe(&v.inputs().join("a.png"), 96, 64, 10);
@@ -328,4 +329,62 @@ fn prompts_written_for_another_plan_are_not_reused() {
     let out = v.run_task(&serde_json::to_string(&task(&no_vlm, StepId::Segment(0))).unwrap());
     assert!(out.status.success(), "{}", text(&out));
     assert_eq!(v.termination_report().prompts[0].prompt, "own prompt");
+}
+
+/// In a container the runner is PID 1, which gets no signal it does not
+/// handle: a deleted pod must stop at once, not hold its GPU through the
+/// grace period, and leave no temporary file behind.
+#[test]
+fn sigterm_stops_a_segment_at_once_and_leaves_no_partial_video() {
+    let v = Volumes::new();
+    two_keyframes(&v);
+    let plan = plan(
+        "keyframes: [a.png, b.png]\nframes: 241\noverlap: 0\nresolution: 1280x720\nmodel: {name: preview}\nenhancePrompt: {enabled: false}",
+    );
+    let task = task(&plan, StepId::Segment(0));
+    let mut child = v
+        .run_task_command(&serde_json::to_string(&task).unwrap(), &v.output())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let partial = v.job_dir().join(".segment-0.mp4.partial");
+    let started = Instant::now();
+    while !partial.exists() {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the segment ended before it was stopped"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "no video started"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // SAFETY: kill(2) on our own child's pid.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    let signalled = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            signalled.elapsed() < Duration::from_secs(20),
+            "still running 20 s after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert_eq!(status.code(), Some(128 + libc::SIGTERM), "{stderr}");
+    assert!(stderr.contains("stopped by SIGTERM"), "{stderr}");
+    assert!(!partial.exists(), "the temporary video stayed behind");
+    assert!(!v.job_dir().join("segment-0.mp4").exists());
+    let report = v.termination_report();
+    assert!(!report.ok, "{report:?}");
+    assert!(
+        report
+            .message
+            .unwrap()
+            .contains("stopped before writing its report"),
+    );
 }

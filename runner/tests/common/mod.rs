@@ -86,15 +86,19 @@ impl Volumes {
     }
 
     pub fn run_task_with_output(&self, task_json: &str, output: &Path) -> Output {
-        runner()
-            .arg("run-task")
+        self.run_task_command(task_json, output).output().unwrap()
+    }
+
+    /// `run-task` with `task_json`, these volumes and `output`, not started.
+    pub fn run_task_command(&self, task_json: &str, output: &Path) -> Command {
+        let mut cmd = runner();
+        cmd.arg("run-task")
             .env("KUBEWAN_TASK", task_json)
             .env("KUBEWAN_CKPTS", self.ckpts())
             .env("KUBEWAN_INPUTS", self.inputs())
             .env("KUBEWAN_OUTPUT", output)
-            .env("KUBEWAN_TERMINATION_LOG", self.termination_log())
-            .output()
-            .unwrap()
+            .env("KUBEWAN_TERMINATION_LOG", self.termination_log());
+        cmd
     }
 
     pub fn termination_report(&self) -> kubewan_crds::RunReport {

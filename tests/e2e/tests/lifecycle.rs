@@ -190,8 +190,10 @@ async fn suspend_stops_the_job_and_resume_finishes_it() {
     )
     .await
     .unwrap();
+    // Within the default 30 s grace period: the runner (PID 1 in its
+    // container) stops on SIGTERM instead of waiting for the SIGKILL.
     wait_until(
-        Duration::from_secs(60),
+        Duration::from_secs(30),
         "no active pod while suspended",
         || async {
             Ok(job_pods(&client, ns, "paused").await?.iter().all(|p| {
