@@ -374,7 +374,7 @@ impl Resample {
 
 #[derive(Debug, Clone)]
 enum Layer {
-    Res(ResBlock),
+    Res(Box<ResBlock>),
     Attn(AttnBlock),
     Resample(Resample),
 }
@@ -412,11 +412,11 @@ impl Encoder {
             let mut in_dim = dims[i];
             let out_dim = dims[i + 1];
             for _ in 0..cfg.num_res_blocks {
-                down.push(Layer::Res(ResBlock::new(
+                down.push(Layer::Res(Box::new(ResBlock::new(
                     dvb.pp(down.len()),
                     in_dim,
                     out_dim,
-                )?));
+                )?)));
                 if cfg.attn_scales.iter().any(|s| (*s - scale).abs() < 1e-12) {
                     down.push(Layer::Attn(AttnBlock::new(dvb.pp(down.len()), out_dim)?));
                 }
