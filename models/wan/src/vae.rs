@@ -12,11 +12,15 @@ use std::path::Path;
 
 use candle_core::{D, DType, Device, Result, Tensor};
 use candle_nn::VarBuilder;
-use kubewan_model_common::nn::{Mask, RmsNorm, attention};
+use kubewan_model_common::nn::{Mask, attention};
 use serde::Deserialize;
 
 use crate::checkpoint;
 use crate::conv3d::CausalConv3d;
+
+mod norm;
+
+use norm::ChannelRmsNorm;
 
 /// `vae/config.json`.
 #[derive(Debug, Clone, Deserialize)]
@@ -130,20 +134,20 @@ fn cached_conv(conv: &CausalConv3d, x: &Tensor, cache: &mut Cache) -> Result<Ten
 /// F.normalize divides by the norm clamped at 1e-12; as an RMS norm that is
 /// an eps of (1e-12)² / C on the mean square (they differ only for vectors
 /// of norm below ~1e-12, which both map to ~0).
-fn rms_norm(vb: VarBuilder, dim: usize, images: bool) -> Result<RmsNorm> {
+fn rms_norm(vb: VarBuilder, dim: usize, images: bool) -> Result<ChannelRmsNorm> {
     let gamma = if images {
         vb.get((dim, 1, 1), "gamma")?
     } else {
         vb.get((dim, 1, 1, 1), "gamma")?
     };
-    RmsNorm::over_channels(gamma, 1e-24 / dim as f64)
+    ChannelRmsNorm::new(gamma, 1e-24 / dim as f64)
 }
 
 #[derive(Debug, Clone)]
 struct ResBlock {
-    norm1: RmsNorm,
+    norm1: ChannelRmsNorm,
     conv1: CausalConv3d,
-    norm2: RmsNorm,
+    norm2: ChannelRmsNorm,
     conv2: CausalConv3d,
     shortcut: Option<CausalConv3d>,
 }
@@ -173,9 +177,9 @@ impl ResBlock {
             Some(s) => s.forward(x, None)?,
             None => x.clone(),
         };
-        let y = self.norm1.forward(x)?.silu()?;
+        let y = self.norm1.forward_silu(x)?;
         let y = cached_conv(&self.conv1, &y, cache)?;
-        let y = self.norm2.forward(&y)?.silu()?;
+        let y = self.norm2.forward_silu(&y)?;
         let y = cached_conv(&self.conv2, &y, cache)?;
         y + h
     }
@@ -184,7 +188,7 @@ impl ResBlock {
 /// Single-head spatial self-attention per frame.
 #[derive(Debug, Clone)]
 struct AttnBlock {
-    norm: RmsNorm,
+    norm: ChannelRmsNorm,
     qkv_w: Tensor,
     qkv_b: Tensor,
     proj_w: Tensor,
@@ -265,8 +269,8 @@ enum ResampleMode {
 #[derive(Debug, Clone)]
 struct Resample {
     mode: ResampleMode,
-    conv_w: Tensor,
-    conv_b: Tensor,
+    /// The 3×3 conv2d after the resize (`resample.1`), frame by frame.
+    conv: CausalConv3d,
     time_conv: Option<CausalConv3d>,
 }
 
@@ -295,10 +299,18 @@ impl Resample {
             )?),
             _ => None,
         };
+        let conv = match mode {
+            ResampleMode::Up2d | ResampleMode::Up3d => {
+                CausalConv3d::spatial(vb.pp("resample.1"), dim, out, 3, 1, 1)?
+            }
+            // Padded (0, 1) on each axis before the conv, as diffusers' ZeroPad2d does.
+            ResampleMode::Down2d | ResampleMode::Down3d => {
+                CausalConv3d::spatial(vb.pp("resample.1"), dim, out, 3, 2, 0)?
+            }
+        };
         Ok(Self {
             mode,
-            conv_w: vb.get((out, dim, 3, 3), "resample.1.weight")?,
-            conv_b: vb.get(out, "resample.1.bias")?.reshape((1, out, 1, 1))?,
+            conv,
             time_conv,
         })
     }
@@ -334,14 +346,12 @@ impl Resample {
             ResampleMode::Up2d | ResampleMode::Up3d => {
                 let (_, _, h, w) = x.dims4()?;
                 x.upsample_nearest2d(2 * h, 2 * w)?
-                    .conv2d(&self.conv_w, 1, 1, 1, 1)?
             }
-            ResampleMode::Down2d | ResampleMode::Down3d => x
-                .pad_with_zeros(2, 0, 1)?
-                .pad_with_zeros(3, 0, 1)?
-                .conv2d(&self.conv_w, 0, 2, 1, 1)?,
-        }
-        .broadcast_add(&self.conv_b)?;
+            ResampleMode::Down2d | ResampleMode::Down3d => {
+                x.pad_with_zeros(2, 0, 1)?.pad_with_zeros(3, 0, 1)?
+            }
+        };
+        let x = self.conv.forward(&x, None)?;
         if self.mode == ResampleMode::Down3d {
             let tc = self
                 .time_conv
@@ -364,7 +374,7 @@ impl Resample {
 
 #[derive(Debug, Clone)]
 enum Layer {
-    Res(ResBlock),
+    Res(Box<ResBlock>),
     Attn(AttnBlock),
     Resample(Resample),
 }
@@ -384,7 +394,7 @@ struct Encoder {
     conv_in: CausalConv3d,
     down: Vec<Layer>,
     mid: MidBlock,
-    norm_out: RmsNorm,
+    norm_out: ChannelRmsNorm,
     conv_out: CausalConv3d,
 }
 
@@ -402,11 +412,11 @@ impl Encoder {
             let mut in_dim = dims[i];
             let out_dim = dims[i + 1];
             for _ in 0..cfg.num_res_blocks {
-                down.push(Layer::Res(ResBlock::new(
+                down.push(Layer::Res(Box::new(ResBlock::new(
                     dvb.pp(down.len()),
                     in_dim,
                     out_dim,
-                )?));
+                )?)));
                 if cfg.attn_scales.iter().any(|s| (*s - scale).abs() < 1e-12) {
                     down.push(Layer::Attn(AttnBlock::new(dvb.pp(down.len()), out_dim)?));
                 }
@@ -443,7 +453,7 @@ impl Encoder {
             x = l.forward(&x, cache)?;
         }
         let x = self.mid.forward(&x, cache)?;
-        let x = self.norm_out.forward(&x)?.silu()?;
+        let x = self.norm_out.forward_silu(&x)?;
         cached_conv(&self.conv_out, &x, cache)
     }
 }
@@ -459,7 +469,7 @@ struct Decoder {
     conv_in: CausalConv3d,
     mid: MidBlock,
     up: Vec<UpBlock>,
-    norm_out: RmsNorm,
+    norm_out: ChannelRmsNorm,
     conv_out: CausalConv3d,
 }
 
@@ -522,7 +532,7 @@ impl Decoder {
                 x = u.forward(&x, cache)?;
             }
         }
-        let x = self.norm_out.forward(&x)?.silu()?;
+        let x = self.norm_out.forward_silu(&x)?;
         cached_conv(&self.conv_out, &x, cache)
     }
 }
