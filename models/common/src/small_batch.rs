@@ -124,3 +124,74 @@ fn dot(w: &[bf16], x: &[f32]) -> f32 {
     let tail: f32 = w_tail.iter().zip(x_tail).map(|(&w, &x)| widen(w) * x).sum();
     acc.iter().sum::<f32>() + tail
 }
+
+#[cfg(test)]
+mod tests {
+    use candle_core::Device;
+
+    use super::*;
+
+    fn random(shape: (usize, usize), std: f32) -> Tensor {
+        Tensor::randn(0f32, std, shape, &Device::Cpu)
+            .unwrap()
+            .to_dtype(DType::BF16)
+            .unwrap()
+    }
+
+    /// Against the product of the same bf16 values in f64: within the bf16
+    /// rounding of the result (2⁻⁹ relative; 2⁻⁸ allowed) plus f32
+    /// accumulation in another order (`in`·2⁻²⁴ of `Σ|w·x|`).
+    #[test]
+    fn matches_the_product_in_f64() {
+        // Odd sizes: vector tails, one feature, features split over threads.
+        for (rows, in_features, out_features) in [
+            (1, 1, 1),
+            (1, 17, 7),
+            (3, 70, 5),
+            (MAX_ROWS, 2053, 1500),
+            (2, 4096, 3 * MIN_BLOCK + 1),
+        ] {
+            let x = random((rows, in_features), 1.0);
+            let w = random((out_features, in_features), 0.05);
+            assert!(applies(&x, &w));
+            let got = matmul_t(&x, &w).unwrap();
+            assert_eq!(got.dims(), [rows, out_features]);
+            let f64s = |t: &Tensor| t.to_dtype(DType::F64).unwrap();
+            let want = f64s(&x).matmul(&f64s(&w).t().unwrap()).unwrap();
+            let magnitude = f64s(&x)
+                .abs()
+                .unwrap()
+                .matmul(&f64s(&w).abs().unwrap().t().unwrap())
+                .unwrap();
+            let (got, want, magnitude) = (
+                f64s(&got).to_vec2::<f64>().unwrap(),
+                want.to_vec2::<f64>().unwrap(),
+                magnitude.to_vec2::<f64>().unwrap(),
+            );
+            for ((got, want), magnitude) in got
+                .iter()
+                .flatten()
+                .zip(want.iter().flatten())
+                .zip(magnitude.iter().flatten())
+            {
+                let tolerance =
+                    want.abs() / 256.0 + in_features as f64 * 2f64.powi(-24) * magnitude;
+                assert!(
+                    (got - want).abs() <= tolerance,
+                    "{rows}x{in_features}x{out_features}: {got} vs {want}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn takes_only_few_bf16_rows_on_the_cpu() {
+        let w = random((8, 16), 1.0);
+        assert!(applies(&random((MAX_ROWS, 16), 1.0), &w));
+        assert!(!applies(&random((MAX_ROWS + 1, 16), 1.0), &w));
+        assert!(!applies(&random((1, 15), 1.0), &w));
+        let f32_row = random((1, 16), 1.0).to_dtype(DType::F32).unwrap();
+        assert!(!applies(&f32_row, &w.to_dtype(DType::F32).unwrap()));
+        assert!(!applies(&random((1, 8), 1.0), &w.t().unwrap()));
+    }
+}
