@@ -212,9 +212,10 @@ fn zip_map<E: Element>(a: &[E], b: &[E], f: impl Fn(f32, f32) -> f32 + Sync) -> 
 }
 
 /// `−2·√(2/π)`: GELU-tanh's `0.5·(1 + tanh(u))` is `1 / (1 + e^(−2u))`.
-const GELU_TANH_A: f32 = -1.595_769_1;
+const GELU_TANH_A: f32 = MINUS_2_SQRT_2_OVER_PI as f32;
 /// `−2·√(2/π) · 0.044715`.
-const GELU_TANH_B: f32 = (-1.595_769_121_605_730_8 * 0.044_715) as f32;
+const GELU_TANH_B: f32 = (MINUS_2_SQRT_2_OVER_PI * 0.044_715) as f32;
+const MINUS_2_SQRT_2_OVER_PI: f64 = -1.595_769_121_605_730_8;
 
 /// `0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))` as `x / (1 + e^(−2u))`, which
 /// has no cancellation for negative `x`.
@@ -250,7 +251,7 @@ fn erfc(z: f32) -> f32 {
                 + t * (0.096_784_18
                     + t * (-0.186_288_06
                         + t * (0.278_868_07
-                            + t * (-1.135_203_9
+                            + t * (-1.135_204
                                 + t * (1.488_515_9 + t * (-0.822_152_23 + t * 0.170_872_77))))))));
     t * exp(poly - z * z)
 }
@@ -307,7 +308,7 @@ mod tests {
     type Case = (&'static str, Op, fn(f64) -> f64, fn(f64) -> f64);
     type Op = fn(&Tensor) -> Result<Tensor>;
 
-    const A: f64 = -2.0 * 0.797_884_560_802_865_4; // −2·√(2/π)
+    const A: f64 = MINUS_2_SQRT_2_OVER_PI;
 
     fn cases() -> [Case; 3] {
         [

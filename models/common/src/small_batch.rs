@@ -148,8 +148,8 @@ mod tests {
             (1, 1, 1),
             (1, 17, 7),
             (3, 70, 5),
-            (MAX_ROWS, 2053, 1500),
-            (2, 4096, 3 * MIN_BLOCK + 1),
+            (MAX_ROWS, 517, 300),
+            (2, 1029, 2 * MIN_BLOCK + 1),
         ] {
             let x = random((rows, in_features), 1.0);
             let w = random((out_features, in_features), 0.05);
