@@ -8,13 +8,16 @@
 //! shards listed by `<stem>.safetensors.index.json`. Problems are reported
 //! with the path they concern, so a broken checkpoint is one readable error.
 
+pub mod activation;
 pub mod checkpoint;
 pub mod device;
 pub mod fuzzing;
 pub mod nn;
+mod parallel;
 pub mod pil;
 pub mod random;
 pub mod safetensors;
+pub mod small_batch;
 
 use std::path::{Path, PathBuf};
 

@@ -3,13 +3,49 @@
 //! (transformers, diffusers): statistics and softmax in f32, products in the
 //! weights' dtype.
 
-use candle_core::{DType, Device, Result, Tensor};
+use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
-/// Linear layers as transformers and diffusers save them (`weight`
-/// `[out, in]`, optional `bias` `[out]`): candle's own, taken from here so
-/// every model builds its layers from this module.
-pub use candle_nn::{Linear, linear, linear_no_bias};
+use crate::small_batch;
+
+/// A linear layer as transformers and diffusers save it (`weight` `[out, in]`,
+/// optional `bias` `[out]`): candle's, except that a few rows of bf16 on the
+/// CPU (a VLM decoding a token) run [`small_batch`]'s kernel, where candle's
+/// bf16 gemm is several times slower than PyTorch. Every model builds its
+/// linear layers from here.
+#[derive(Debug, Clone)]
+pub struct Linear(candle_nn::Linear);
+
+impl Linear {
+    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Self(candle_nn::Linear::new(weight, bias))
+    }
+}
+
+impl Module for Linear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let weight = self.0.weight();
+        if !small_batch::applies(x, weight) {
+            return self.0.forward(x);
+        }
+        // The bias is added after the product's rounding, as candle's Linear does.
+        let y = small_batch::matmul_t(x, weight)?;
+        match self.0.bias() {
+            Some(bias) => y.broadcast_add(bias),
+            None => Ok(y),
+        }
+    }
+}
+
+/// A [`Linear`] with a bias, from `weight` and `bias` under `vb`.
+pub fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
+    candle_nn::linear(in_dim, out_dim, vb).map(Linear)
+}
+
+/// A [`Linear`] without bias, from `weight` under `vb`.
+pub fn linear_no_bias(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
+    candle_nn::linear_no_bias(in_dim, out_dim, vb).map(Linear)
+}
 
 /// The axis an [`RmsNorm`] normalises.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -448,6 +484,32 @@ mod tests {
         for c in 0..6 {
             assert!((got[c] - col[c] / rms * w[c]).abs() < 1e-5);
         }
+    }
+
+    #[test]
+    fn linear_runs_small_bf16_batches_on_the_kernel_and_the_rest_on_candle() {
+        let dev = Device::Cpu;
+        let bf16 = |t: Tensor| t.to_dtype(DType::BF16).unwrap();
+        let weight = bf16(randn((37, 70)));
+        let bias = bf16(randn(37));
+        let ours = Linear::new(weight.clone(), Some(bias.clone()));
+        let candle = candle_nn::Linear::new(weight, Some(bias));
+        let rows = |n: usize| bf16(Tensor::randn(0f32, 1f32, (1, n, 70), &dev).unwrap());
+        // A decode step: the kernel, within a bf16 rounding of candle's result.
+        let x = rows(1);
+        let (got, want) = (ours.forward(&x).unwrap(), candle.forward(&x).unwrap());
+        assert_eq!(got.dims(), [1, 1, 37]);
+        let to_f32 = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+        let err = max_abs_diff(&to_f32(&got), &to_f32(&want));
+        let scale = to_f32(&want).abs().unwrap().max_keepdim(2).unwrap();
+        assert!(err <= scale.flatten_all().unwrap().to_vec1::<f32>().unwrap()[0] / 64.0);
+        // A prefill: candle's own matmul, bit for bit.
+        let x = rows(small_batch::MAX_ROWS + 1);
+        let (got, want) = (ours.forward(&x).unwrap(), candle.forward(&x).unwrap());
+        assert_eq!(
+            to_f32(&got).to_vec3::<f32>().unwrap(),
+            to_f32(&want).to_vec3::<f32>().unwrap()
+        );
     }
 
     #[test]

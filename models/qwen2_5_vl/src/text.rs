@@ -4,6 +4,7 @@
 
 use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::{Embedding, VarBuilder};
+use kubewan_model_common::activation::swiglu;
 use kubewan_model_common::nn::{Linear, Mask, RmsNorm, attention, linear, linear_no_bias};
 
 use crate::config::TextConfig;
@@ -26,8 +27,8 @@ impl Mlp {
         })
     }
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let g = candle_nn::ops::silu(&self.gate_proj.forward(x)?)?;
-        self.down_proj.forward(&(g * self.up_proj.forward(x)?)?)
+        let gated = swiglu(&self.gate_proj.forward(x)?, &self.up_proj.forward(x)?)?;
+        self.down_proj.forward(&gated)
     }
 }
 

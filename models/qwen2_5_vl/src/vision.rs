@@ -5,6 +5,7 @@
 
 use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::VarBuilder;
+use kubewan_model_common::activation::{gelu_erf, swiglu};
 use kubewan_model_common::nn::{Linear, Mask, RmsNorm, attention, linear};
 
 use crate::config::VisionConfig;
@@ -27,8 +28,8 @@ impl Mlp {
         })
     }
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let g = candle_nn::ops::silu(&self.gate_proj.forward(x)?)?;
-        self.down_proj.forward(&(g * self.up_proj.forward(x)?)?)
+        let gated = swiglu(&self.gate_proj.forward(x)?, &self.up_proj.forward(x)?)?;
+        self.down_proj.forward(&gated)
     }
 }
 
@@ -129,7 +130,7 @@ impl PatchMerger {
         let x = self.ln_q.forward(x)?;
         let n = x.elem_count() / self.merged;
         let x = x.reshape((n, self.merged))?;
-        self.fc2.forward(&self.fc1.forward(&x)?.gelu_erf()?)
+        self.fc2.forward(&gelu_erf(&self.fc1.forward(&x)?)?)
     }
 }
 

@@ -16,6 +16,7 @@ use std::path::Path;
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{LayerNorm, VarBuilder};
 use image::RgbImage;
+use kubewan_model_common::activation::{gelu_erf, gelu_tanh};
 use kubewan_model_common::nn::{Linear, Mask, attention, linear};
 use serde::Deserialize;
 
@@ -239,8 +240,8 @@ impl ClipVision {
             let h = layer.fc1.forward(&layer.ln2.forward(&x)?)?;
             let h = match self.act {
                 Act::QuickGelu => (&h * candle_nn::ops::sigmoid(&(&h * 1.702)?)?)?,
-                Act::GeluErf => h.gelu_erf()?,
-                Act::GeluTanh => h.gelu()?,
+                Act::GeluErf => gelu_erf(&h)?,
+                Act::GeluTanh => gelu_tanh(&h)?,
             };
             x = (x + layer.fc2.forward(&h)?)?;
         }

@@ -11,6 +11,7 @@ use std::path::Path;
 
 use candle_core::{D, DType, Device, Module, Result, Tensor};
 use candle_nn::VarBuilder;
+use kubewan_model_common::activation::{gelu_erf, gelu_tanh, silu};
 use kubewan_model_common::nn::{Linear, Mask, RmsNorm, attention, linear};
 use serde::{Deserialize, Serialize};
 
@@ -129,10 +130,6 @@ impl F32LayerNorm {
         }
         Ok(y)
     }
-}
-
-fn gelu_tanh(x: &Tensor) -> Result<Tensor> {
-    x.gelu()
 }
 
 #[derive(Debug, Clone)]
@@ -255,7 +252,7 @@ impl FeedForward {
         let h = if self.tanh {
             gelu_tanh(&h)?
         } else {
-            h.gelu_erf()?
+            gelu_erf(&h)?
         };
         self.proj_out.forward(&h)
     }
@@ -637,13 +634,10 @@ impl WanTransformer {
 
         // Time conditioning.
         let t = self.timestep_embedding(timestep)?;
-        let temb = self.time_linear_2.forward(
-            &self
-                .time_linear_1
-                .forward(&t.to_dtype(self.dtype)?)?
-                .silu()?,
-        )?;
-        let tproj = self.time_proj.forward(&temb.silu()?)?;
+        let temb = self.time_linear_2.forward(&silu(
+            &self.time_linear_1.forward(&t.to_dtype(self.dtype)?)?,
+        )?)?;
+        let tproj = self.time_proj.forward(&silu(&temb)?)?;
         let temb6 = tproj.to_dtype(DType::F32)?.reshape((b, 6, dim))?;
 
         let text = text.to_dtype(self.dtype)?;

@@ -10,6 +10,7 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::VarBuilder;
+use kubewan_model_common::activation::{gelu_erf, gelu_tanh};
 use kubewan_model_common::nn::{Linear, Mask, RmsNorm, attention, linear_no_bias};
 use serde::Deserialize;
 
@@ -177,8 +178,8 @@ impl FeedForward {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let h = self.wi_0.forward(x)?;
         let h = match self.act {
-            Act::GeluTanh => h.gelu()?,
-            Act::GeluErf => h.gelu_erf()?,
+            Act::GeluTanh => gelu_tanh(&h)?,
+            Act::GeluErf => gelu_erf(&h)?,
             Act::Relu => h.relu()?,
         };
         let h = match &self.wi_1 {
