@@ -13,7 +13,7 @@ pub mod checkpoint;
 pub mod device;
 pub mod fuzzing;
 pub mod nn;
-mod parallel;
+pub mod parallel;
 pub mod pil;
 pub mod random;
 pub mod safetensors;

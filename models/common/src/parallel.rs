@@ -1,4 +1,4 @@
-//! What the CPU kernels of `activation` and `small_batch` share: contiguous
+//! What the CPU kernels of `activation`, `small_batch` and the Wan VAE's norm share: contiguous
 //! blocks of an output slice spread over the threads (one block per thread
 //! keeps each thread on its own cache lines and costs one spawn per thread
 //! per call), and the widest vector instructions the CPU has.
@@ -8,7 +8,7 @@
 /// at least `min_len` items so small outputs stay on the calling thread, and
 /// each a multiple of `granule` items (whole output rows); `first` is the
 /// block's index in `out`. The last block runs on the calling thread.
-pub(crate) fn for_each_block<T: Send>(
+pub fn for_each_block<T: Send>(
     out: &mut [T],
     min_len: usize,
     granule: usize,

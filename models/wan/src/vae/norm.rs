@@ -7,6 +7,10 @@
 
 use candle_core::{DType, Device, Result, Storage, Tensor};
 use kubewan_model_common::nn::RmsNorm;
+use kubewan_model_common::parallel::for_each_block;
+
+/// Elements below which a pass stays on one thread.
+const MIN_BLOCK: usize = 1 << 15;
 
 #[derive(Debug, Clone)]
 pub(super) struct ChannelRmsNorm {
@@ -68,9 +72,9 @@ impl ChannelRmsNorm {
         let plane = h * w;
         let inv_rms = inv_rms(src, c, plane, self.eps as f32);
         let mut out = vec![0f32; src.len()];
-        in_parallel(&mut out, plane, |first_row, rows| {
+        for_each_block(&mut out, MIN_BLOCK, plane, |first, rows| {
             for (i, row) in rows.chunks_exact_mut(plane).enumerate() {
-                let r = first_row + i;
+                let r = first / plane + i;
                 let (frame, channel) = (r / c, r % c);
                 let x_row = &src[r * plane..(r + 1) * plane];
                 let inv = &inv_rms[frame * plane..(frame + 1) * plane];
@@ -89,7 +93,7 @@ impl ChannelRmsNorm {
 /// `(Σ_c x² / C + eps)^-½` for every pixel of every frame: `[T, plane]`.
 fn inv_rms(src: &[f32], c: usize, plane: usize, eps: f32) -> Vec<f32> {
     let mut inv = vec![0f32; src.len() / c];
-    in_parallel(&mut inv, 1, |first, part| {
+    for_each_block(&mut inv, MIN_BLOCK / c.max(1), 1, |first, part| {
         // `part` may span frames: walk it frame by frame, channel rows in the inner loop.
         let mut done = 0;
         while done < part.len() {
@@ -110,20 +114,6 @@ fn inv_rms(src: &[f32], c: usize, plane: usize, eps: f32) -> Vec<f32> {
         }
     });
     inv
-}
-
-/// Splits `data` into one part per thread (whole units of `unit` elements) and calls
-/// `f(first unit, part)` on each, in parallel.
-fn in_parallel(data: &mut [f32], unit: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
-    let units = data.len() / unit;
-    let threads = candle_core::utils::get_num_threads().clamp(1, units.max(1));
-    let per = units.div_ceil(threads);
-    std::thread::scope(|s| {
-        for (i, part) in data.chunks_mut(per * unit).enumerate() {
-            let f = &f;
-            s.spawn(move || f(i * per, part));
-        }
-    });
 }
 
 #[cfg(test)]
