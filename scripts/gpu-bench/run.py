@@ -518,6 +518,10 @@ def main():
             print(f"== {name}: {side} ({left:.0f} s left)", file=sys.stderr, flush=True)
             run = Side(side, cmd, memory, timeout=left, env=env)
             results[side].update(run.rows)
+            for row, r in run.rows.items():  # as they come: a long run stopped early keeps them
+                if "seconds" in r:
+                    print(f"  {side} {row}: {fmt_s(r['seconds'])}, peak RSS {fmt_b(r.get('peak_rss'))}",
+                          file=sys.stderr, flush=True)
             if run.failure():
                 results["failures"].append(f"{name} ({side}): {run.failure()}")
     results["vram_method"] = sorted(memory.methods)
