@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
-"""The PyTorch reference side of the GPU benchmark (run.py runs it beside
-`kubewan-runner bench …` with the same arguments and prints the table).
+"""The PyTorch reference side of the GPU and CPU benchmarks (run.py runs it
+beside `kubewan-runner bench …` with the same arguments and prints the table).
 
 The stack kubewan replaces, as it runs: diffusers (WanTransformer3DModel,
 AutoencoderKLWan) and transformers (UMT5EncoderModel,
@@ -10,14 +10,20 @@ weights are built on the device with the dtypes `from_pretrained(...,
 torch_dtype=bfloat16)` gives (the model's `_keep_in_fp32_modules` stay in
 f32); the VLM is loaded from the checkpoint `kubewan-runner bench write-vlm`
 wrote. Each command warms up on a small input, then times the real calls with
-the device synchronised around them.
+the device synchronised around them. On the CPU everything runs in f32, and
+the single operations (attention, conv3d, gelu) report their fastest of
+--repeat runs.
 
 Output: the runner's protocol, one JSON object per line on stdout
-(`{"row", "event": "start"}` / `{"row", "event": "end", "seconds", ...}`).
+(`{"row", "event": "start"}` / `{"row", "event": "end", "seconds", ...}`, the
+end with the RSS at the start and the peak RSS during the row; `summary`: the
+fastest of several runs).
 """
 
 import argparse
+import glob
 import json
+import os
 import sys
 import time
 
@@ -33,15 +39,53 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
+def status_bytes(field):
+    """A /proc/self/status figure in bytes (Linux; None elsewhere)."""
+    try:
+        with open("/proc/self/status") as f:
+            line = next(l for l in f if l.startswith(field + ":"))
+        return int(line.split()[1]) * 1024
+    except (OSError, StopIteration):
+        return None
+
+
+def reset_peak_rss():
+    """Resets VmHWM to the current RSS (as the runner does at each row's start)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
 def timed(row, device, fn):
     """Runs fn() as row `row`; fn returns (value, extra fields of the end event)."""
     sync(device)
+    rss_at_start = status_bytes("VmRSS")
+    reset_peak_rss()
     emit(row, "start")
     start = time.perf_counter()
     value, extra = fn()
     sync(device)
-    emit(row, "end", seconds=time.perf_counter() - start, **extra)
+    emit(row, "end", seconds=time.perf_counter() - start, rss_at_start=rss_at_start,
+         peak_rss=status_bytes("VmHWM"), **extra)
     return value
+
+
+def timed_fastest(row, device, repeat, fn, **extra):
+    """fn() run `repeat` times as row `row`, which reports the fastest run."""
+    times = []
+
+    def runs():
+        for _ in range(max(repeat, 1)):
+            start = time.perf_counter()
+            fn()
+            sync(device)
+            times.append(time.perf_counter() - start)
+        return None, extra
+
+    timed(row, device, runs)
+    emit(row, "summary", seconds=min(times), runs=len(times))
 
 
 def release_cache(device):
@@ -76,8 +120,10 @@ def latent_shape(frames, height, width):
     return (frames - 1) // 4 + 1, height // 8, width // 8
 
 
-def model_dtype(device):
-    """bf16, as the reference pipelines run the big models (f32 on the CPU dry run)."""
+def model_dtype(device, name=None):
+    """--dtype, else bf16 as the reference pipelines run the big models (f32 on the CPU)."""
+    if name:
+        return {"f32": torch.float32, "bf16": torch.bfloat16}[name]
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
@@ -104,7 +150,7 @@ def dit(args, device):
     from diffusers import WanTransformer3DModel
 
     config = json.load(open(args.config))
-    dtype = model_dtype(device)
+    dtype = model_dtype(device, args.dtype)
     model = build(lambda: WanTransformer3DModel.from_config(config), device)
     model = like_from_pretrained(model.eval(), dtype, model._keep_in_fp32_modules)
     release_cache(device)
@@ -121,6 +167,8 @@ def dit(args, device):
         t = torch.tensor([500.0], device=device).expand(1)
         cond = model(hidden_states=x, timestep=t, encoder_hidden_states=prompt,
                      encoder_hidden_states_image=image, return_dict=False)[0]
+        if args.guidance <= 1:  # guidance off: the conditional pass alone, as the runner
+            return cond
         uncond = model(hidden_states=x, timestep=t, encoder_hidden_states=negative,
                        encoder_hidden_states_image=image, return_dict=False)[0]
         return uncond + args.guidance * (cond - uncond)
@@ -154,7 +202,7 @@ def umt5(args, device):
 
     config = UMT5Config(**json.load(open(args.config)))
     model = build(lambda: UMT5EncoderModel(config), device).eval()
-    model = like_from_pretrained(model, model_dtype(device), getattr(model, "_keep_in_fp32_modules_strict", None))
+    model = like_from_pretrained(model, model_dtype(device, args.dtype), getattr(model, "_keep_in_fp32_modules_strict", None))
     release_cache(device)
 
     def encode(tokens):
@@ -169,12 +217,93 @@ def umt5(args, device):
 
 
 def attention(args, device):
-    dtype = model_dtype(device)
+    dtype = model_dtype(device, args.dtype)
     q, k, v = (torch.randn(1, args.heads, args.tokens, args.head_dim, device=device, dtype=dtype) for _ in range(3))
     sdpa = torch.nn.functional.scaled_dot_product_attention
     sdpa(q, k, v)
     row = f"{args.row}-sdpa"
-    timed(row, device, lambda: (sdpa(q, k, v), {"tokens": args.tokens}))
+    if device.type == "cpu":
+        with torch.no_grad():
+            timed_fastest(row, device, args.repeat, lambda: sdpa(q, k, v), tokens=args.tokens)
+    else:
+        timed(row, device, lambda: (sdpa(q, k, v), {"tokens": args.tokens}))
+
+
+def conv3d(args, device):
+    """diffusers' WanCausalConv3d (kernel 3, padding 1) on random frames, f32."""
+    from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
+
+    conv = build(lambda: WanCausalConv3d(args.channels, args.channels, 3, padding=1), device).eval()
+    x = torch.randn(1, args.channels, args.frames, args.height, args.width, device=device)
+    with torch.no_grad():
+        conv(x)
+        timed_fastest(args.row, device, args.repeat, lambda: conv(x))
+
+
+def gelu(args, device):
+    x = torch.randn(args.rows, args.cols, device=device, dtype=model_dtype(device, args.dtype))
+    fn = lambda: torch.nn.functional.gelu(x, approximate="tanh")  # noqa: E731
+    fn()
+    timed_fastest(args.row, device, args.repeat, fn)
+
+
+def load(args, device):
+    """safetensors' load_file (what from_pretrained reads a checkpoint with) into
+    resident f32 tensors against a plain sequential read of the same files,
+    alternating, warm then cold (posix_fadvise(DONTNEED) before each run): the
+    runner's rows. load_file alone maps the file and reads nothing until a
+    tensor is used, so each tensor is copied out of the mapping, as the runner's
+    loader puts every weight in its own memory."""
+    from safetensors.torch import load_file
+
+    files = sorted(glob.glob(os.path.join(args.dir, f"{args.stem}*.safetensors")))
+    buf = bytearray(16 << 20)
+
+    def read_all():
+        total = 0
+        for name in files:
+            with open(name, "rb", buffering=0) as f:
+                while n := f.readinto(buf):
+                    total += n
+        return total
+
+    def evict():
+        for name in files:
+            fd = os.open(name, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+    def load_all():
+        weights = {}
+        for name in files:
+            weights.update((k, v.to(torch.float32, copy=True))
+                           for k, v in load_file(name, device=str(device)).items())
+        return weights, {"weight_bytes": sum(t.numel() * 4 for t in weights.values())}
+
+    read_all()
+    for cache in ("warm", "cold"):
+        best = {}
+        for _ in range(max(args.rounds, 1)):
+            for row, fn in ((f"{args.row}-read-{cache}", lambda: (read_all(), {})),
+                            (f"{args.row}-{cache}", load_all)):
+                if cache == "cold":
+                    evict()
+                start = time.perf_counter()
+                timed(row, device, fn)  # the weights are dropped at once
+                best[row] = min(best.get(row, float("inf")), time.perf_counter() - start)
+        for row, seconds in best.items():
+            emit(row, "summary", seconds=seconds)
+
+
+def write_dit(args, device):
+    """The DiT of --config with random weights as a diffusers transformer/ folder (f32,
+    one file): the checkpoint both sides' load rows read."""
+    from diffusers import WanTransformer3DModel
+
+    model = WanTransformer3DModel.from_config(json.load(open(args.config)))
+    model.save_pretrained(args.dir, safe_serialization=True, max_shard_size="100GB")
 
 
 def vlm(args, device):
@@ -183,14 +312,16 @@ def vlm(args, device):
 
     images = [Image.open(p).convert("RGB") for p in args.image]
     content = [{"type": "image"} for _ in images] + [{"type": "text", "text": args.prompt}]
-    dtype = model_dtype(device)
+    dtype = model_dtype(device, args.dtype)
     processor = load_processor(args.model)
     text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
     baseline = torch.cuda.memory_reserved(device) if device.type == "cuda" else None
     row = args.row
     model = timed(f"{row}-load", device, lambda: (
         Qwen2_5_VLForConditionalGeneration.from_pretrained(
-            args.model, dtype=dtype, attn_implementation="sdpa", device_map=str(device)).eval(), {}))
+            # A device map needs accelerate; the CPU is where from_pretrained puts the weights anyway.
+            args.model, dtype=dtype, attn_implementation="sdpa",
+            device_map=str(device) if device.type == "cuda" else None).eval(), {}))
 
     def inputs():
         # The processor runs inside the timed regions, as the runner's prepare() does.
@@ -238,6 +369,7 @@ def main():
         p = sub.add_parser(name)
         p.add_argument("--device", default="cuda")
         p.add_argument("--row", required=True)
+        p.add_argument("--dtype", choices=["f32", "bf16"])
         for flag, kwargs in flags:
             p.add_argument(flag, **kwargs)
         p.set_defaults(fn=fn)
@@ -247,14 +379,22 @@ def main():
     command("dit", dit, config, size, ("--guidance", {"type": float, "default": 5.0}))
     command("vae-decode", vae_decode, config, size)
     command("umt5", umt5, config, ("--tokens", {"type": int, "default": 512}))
+    repeat = ("--repeat", {"type": int, "default": 3})
     command("attention", attention, ("--heads", {"type": int, "required": True}),
-            ("--tokens", {"type": int, "required": True}), ("--head-dim", {"type": int, "default": 128}))
+            ("--tokens", {"type": int, "required": True}), ("--head-dim", {"type": int, "default": 128}), repeat)
+    command("conv3d", conv3d, *[(f"--{d}", {"type": int, "required": True})
+                                for d in ("channels", "frames", "height", "width")], repeat)
+    command("gelu", gelu, ("--rows", {"type": int, "required": True}), ("--cols", {"type": int, "required": True}),
+            ("--repeat", {"type": int, "default": 5}))
+    command("load", load, ("--dir", {"required": True}), ("--stem", {"default": "diffusion_pytorch_model"}),
+            ("--rounds", {"type": int, "default": 3}))
+    command("write-dit", write_dit, config, ("--dir", {"required": True}))
     command("vlm", vlm, ("--model", {"required": True}), ("--image", {"action": "append", "required": True}),
             ("--prompt", {"default": "Describe how the scene moves from the first image to the second."}),
             ("--max-new-tokens", {"type": int, "default": 64}))
     args = parser.parse_args()
     device = torch.device(args.device)
-    print(f"reference on {device}: torch {torch.__version__}", file=sys.stderr)
+    print(f"reference on {device}: torch {torch.__version__}, {torch.get_num_threads()} threads", file=sys.stderr)
     args.fn(args, device)
 
 

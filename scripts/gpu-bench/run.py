@@ -1,12 +1,16 @@
 #!/usr/bin/env python3
-"""The GPU benchmark driver: runs `kubewan-runner bench …` and the PyTorch
-reference (reference.py) on the same real-sized random-weight models, one
-process per model and side, samples each process's own GPU memory through NVML
-while its rows run, and prints per row runner time / PyTorch time and runner
-peak VRAM / PyTorch peak VRAM.
+"""The GPU and CPU benchmark driver: runs `kubewan-runner bench …` and the
+PyTorch reference (reference.py) on the same real-sized random-weight models,
+one process per model and side, alternating, samples each process's own GPU
+memory through NVML while its rows run, and prints per row runner time /
+PyTorch time and runner peak VRAM (RSS on the CPU) / PyTorch's.
 
     python3 scripts/gpu-bench/run.py --runner PATH/kubewan-runner [--device cuda] [--budget-s 540]
     python3 scripts/gpu-bench/run.py --runner target/debug/kubewan-runner --tiny --device cpu   # dry run
+    python3 scripts/gpu-bench/run.py --runner PATH --suite cpu [--tiny] [--threads 2]   # scripts/cpu-bench.sh
+
+The CPU suite (issue 15's rows, f32 on both sides, --threads threads each) is
+described in cpu_plan(); the rest of this docstring is the GPU suite's.
 
 Rows (full size): FlashAttention vs SDPA at the 14B 480p shape; one denoising
 step with CFG of the Wan 1.3B DiT at 480p x 81 and of the 14B DiT at 480p and
@@ -99,11 +103,85 @@ def groups(p, work):
         ("dit-1.3b", ["dit", "--row", "dit-1.3b", "--config", str(work / "dit-1.3b.json"), "--size", p["480p"]]),
         ("dit-14b", ["dit", "--row", "dit-14b", "--config", str(work / "dit-14b.json"),
                      "--size", p["480p"], "--size", p["720p"]]),
-        ("vlm", ["vlm", "--row", f"vlm-{p['vlm_shape']}", "--model", str(work / "vlm"),
+        ("vlm", ["vlm", "--row", f"vlm-{p['vlm_shape']}", "--model", str(work / f"vlm-{p['vlm_shape']}"),
                  "--image", images[0], "--image", images[1], "--max-new-tokens", str(p["new_tokens"])]),
         ("vae", ["vae-decode", "--row", "vae-decode", "--config", str(work / "vae.json"), "--size", p["480p"]]),
         ("umt5", ["umt5", "--row", "umt5-xxl", "--config", str(work / "umt5.json"), "--tokens", str(p["tokens"])]),
     ]
+
+
+def cpu_plan(is_tiny):
+    """The CPU suite (issue 15): f32 on both sides, the Wan2.1 1.3B-shaped DiT
+    (with the I2V image branch) for one forward (guidance 1) at 780 and 3120
+    tokens and as the checkpoint of the load rows (the loader into f32 against
+    a plain read of the same file, warm and cold), the VAE decoding 5 frames,
+    attention at the DiT's two token counts (time, and RSS growth for the
+    memory), one causal conv3d layer, the DiT's gelu, UMT5-XXL's first 4
+    layers, and a mid-size Qwen2.5-VL (`bench write-vlm --shape mid`) on one
+    448² image in bf16 and in f32. --tiny keeps every row but cuts the
+    shapes (DiT and UMT5 layers, the VAE's frame size, attention tokens)."""
+    if is_tiny:
+        return {
+            "dit-1.3b": tiny(WAN_1_3B_I2V, num_layers=2), "vae": WAN_VAE,
+            "umt5": tiny(UMT5_XXL, num_layers=1), "tokens": 128,
+            "dit_sizes": ["780=416x240x5", "3120=832x480x5"], "vae_size": "104x64x5",
+            "attention": [(12, 390, 128), (12, 780, 128)], "conv3d": (192, 2, 30, 52), "gelu": (780, 8960),
+            "vlm_shape": "tiny", "image": (112, 112), "new_tokens": 8, "load_rounds": 2,
+        }
+    return {
+        "dit-1.3b": WAN_1_3B_I2V, "vae": WAN_VAE, "umt5": tiny(UMT5_XXL, num_layers=4), "tokens": 512,
+        "dit_sizes": ["780=416x240x5", "3120=832x480x5"], "vae_size": "416x240x5",
+        "attention": [(12, 780, 128), (12, 3120, 128)], "conv3d": (192, 2, 60, 104), "gelu": (780, 8960),
+        "vlm_shape": "mid", "image": (448, 448), "new_tokens": 16, "load_rounds": 3,
+    }
+
+
+def cpu_groups(p, work):
+    """The CPU suite's groups (name, bench arguments), as groups() gives the GPU's."""
+    vlm = f"vlm-{p['vlm_shape']}"
+    channels, frames, height, width = p["conv3d"]
+    rows, cols = p["gelu"]
+    return [
+        ("load", ["load", "--row", "load", "--dir", str(work / "dit-1.3b"), "--rounds", str(p["load_rounds"])]),
+        ("dit", ["dit", "--row", "dit-1.3b", "--config", str(work / "dit-1.3b.json"), "--guidance", "1", "--dtype", "f32",
+                 *[a for size in p["dit_sizes"] for a in ("--size", size)]]),
+        ("vae", ["vae-decode", "--row", "vae-decode", "--config", str(work / "vae.json"),
+                 "--size", f"{p['vae_size']}={p['vae_size']}"]),
+        *[(f"attention-{tokens}", ["attention", "--row", f"attention-{tokens}", "--heads", str(heads),
+                                   "--tokens", str(tokens), "--head-dim", str(head_dim), "--dtype", "f32"])
+          for heads, tokens, head_dim in p["attention"]],
+        ("conv3d", ["conv3d", "--row", "conv3d", "--channels", str(channels), "--frames", str(frames),
+                    "--height", str(height), "--width", str(width)]),
+        ("gelu", ["gelu", "--row", "gelu", "--rows", str(rows), "--cols", str(cols), "--dtype", "f32"]),
+        ("umt5", ["umt5", "--row", "umt5-xxl", "--config", str(work / "umt5.json"), "--tokens", str(p["tokens"]),
+                  "--dtype", "f32"]),
+        *[(f"vlm-{dtype}", ["vlm", "--row", f"{vlm}-{dtype}", "--dtype", dtype, "--model", str(work / vlm),
+                            "--image", str(work / "first.png"), "--max-new-tokens", str(p["new_tokens"])])
+          for dtype in ("bf16", "f32")],
+    ]
+
+
+def cpu_table_rows(p):
+    """(label, runner row, reference row) of the CPU suite's table."""
+    vlm = f"vlm-{p['vlm_shape']}"
+    channels, frames, height, width = p["conv3d"]
+    rows, cols = p["gelu"]
+    out = [(f"load DiT 1.3B, {p['dit-1.3b']['num_layers']} layers, into f32, {cache}", f"load-{cache}", f"load-{cache}")
+           for cache in ("warm", "cold")]
+    out += [(f"  sequential read, {cache}", f"load-read-{cache}", f"load-read-{cache}") for cache in ("warm", "cold")]
+    out += [(f"DiT 1.3B, {p['dit-1.3b']['num_layers']} layers, forward {size.split('=')[1]} ({size.split('=')[0]} tok)",
+             f"dit-1.3b-{size.split('=')[0]}", f"dit-1.3b-{size.split('=')[0]}") for size in p["dit_sizes"]]
+    out.append((f"VAE decode {p['vae_size']}", f"vae-decode-{p['vae_size']}", f"vae-decode-{p['vae_size']}"))
+    out += [(f"attention {heads}x{tokens}²x{head_dim}", f"attention-{tokens}-cpu", f"attention-{tokens}-sdpa")
+            for heads, tokens, head_dim in p["attention"]]
+    out.append((f"causal conv3d {channels} ch, {frames} frames {height}x{width}", "conv3d", "conv3d"))
+    out.append((f"gelu (tanh) {rows}x{cols}", "gelu", "gelu"))
+    out.append((f"UMT5-XXL {p['umt5']['num_layers']} layers, {p['tokens']} tokens", "umt5-xxl", "umt5-xxl"))
+    for dtype in ("bf16", "f32"):
+        out.append((f"Qwen2.5-VL {p['vlm_shape']} {dtype} prefill", f"{vlm}-{dtype}-prefill", f"{vlm}-{dtype}-prefill"))
+        out.append((f"Qwen2.5-VL {p['vlm_shape']} {dtype} decode (per token)", f"{vlm}-{dtype}-decode",
+                    f"{vlm}-{dtype}-decode"))
+    return out
 
 
 class Memory:
@@ -126,6 +204,15 @@ class Memory:
             print(f"NVML unavailable ({e}): no VRAM figures", file=sys.stderr)
             self.nvml = None
         self.methods = set()
+
+    @staticmethod
+    def rss(pid):
+        """The process's resident set (bytes; None once it has exited)."""
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                return next(int(l.split()[1]) * 1024 for l in f if l.startswith("VmRSS:"))
+        except (OSError, StopIteration):
+            return None
 
     def device_used(self):
         return sum(self.nvml.nvmlDeviceGetMemoryInfo(h).used for h in self.handles)
@@ -153,11 +240,12 @@ class Memory:
 class Side:
     """One benchmark process: its rows' events, and the memory sampled while each row runs."""
 
-    def __init__(self, name, cmd, memory, timeout):
+    def __init__(self, name, cmd, memory, timeout, env=None):
         self.name, self.memory = name, memory
         self.rows, self.current, self.lock = {}, None, threading.Lock()
         started = time.time()
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                                     env=env)
         self.stderr, self.timed_out = [], False
         watchdog = threading.Timer(timeout, self.kill)
         watchdog.start()
@@ -226,9 +314,9 @@ class Side:
 def write_inputs(p, work):
     from PIL import Image
 
-    for name, config in [("dit-1.3b", p["dit-1.3b"]), ("dit-14b", p["dit-14b"]), ("vae", p["vae"]),
-                         ("umt5", p["umt5"])]:
-        (work / f"{name}.json").write_text(json.dumps(config, indent=1))
+    for name in ("dit-1.3b", "dit-14b", "vae", "umt5"):
+        if name in p:
+            (work / f"{name}.json").write_text(json.dumps(p[name], indent=1))
     w, h = p["image"]
     for i, name in enumerate(["first.png", "last.png"]):
         # A smooth gradient with detail, as keyframes have (not a flat colour).
@@ -243,6 +331,28 @@ def write_vlm(runner, folder, shape):
     t = time.time()
     subprocess.run([runner, "bench", "write-vlm", str(folder), "--shape", shape], check=True)
     print(f"wrote the {shape} VLM checkpoint in {time.time() - t:.0f} s", file=sys.stderr)
+
+
+def write_dit(python, work):
+    """The DiT checkpoint of the CPU suite's load rows (diffusers' save_pretrained, f32,
+    random weights), written once per config."""
+    folder, config = work / "dit-1.3b", work / "dit-1.3b.json"
+    if (folder / "config.json").is_file() and json.loads((folder / "config.json").read_text()).get(
+            "num_layers") == json.loads(config.read_text())["num_layers"]:
+        return
+    t = time.time()
+    subprocess.run([python, str(HERE / "reference.py"), "write-dit", "--device", "cpu", "--row", "write-dit",
+                    "--config", str(config), "--dir", str(folder)], check=True)
+    print(f"wrote the DiT checkpoint in {time.time() - t:.0f} s", file=sys.stderr)
+
+
+def prepare(name, args, p, work):
+    """Writes the checkpoint a group reads, where it is missing."""
+    vlm = work / f"vlm-{p['vlm_shape']}"
+    if name.startswith("vlm") and not (vlm / "config.json").is_file():
+        write_vlm(args.runner, vlm, p["vlm_shape"])
+    if name == "load":
+        write_dit(args.python, work)
 
 
 def fmt_s(s):
@@ -285,19 +395,21 @@ def derive_decode(rows, vlm):
                                  "peak_vram": gen.get("peak_vram"), "peak_rss": gen.get("peak_rss")}
 
 
-def print_table(results, p, device):
+def print_table(results, p, device, rows):
     runner, ref = results["runner"], results["reference"]
+    vlm = f"vlm-{p['vlm_shape']}"
     for side in (runner, ref):
-        derive_decode(side, f"vlm-{p['vlm_shape']}")
+        for prefix in (vlm, f"{vlm}-bf16", f"{vlm}-f32"):
+            derive_decode(side, prefix)
     mem = "VRAM" if device == "cuda" else "RSS"
     key = "peak_vram" if device == "cuda" else "peak_rss"
-    header = f"{'row':<42} {'runner':>9} {'pytorch':>9} {'time r/p':>9} {'runner ' + mem:>12} {'pytorch ' + mem:>13} {mem + ' r/p':>9}"
+    header = f"{'row':<52} {'kubewan':>9} {'pytorch':>9} {'time k/p':>9} {'kubewan ' + mem:>12} {'pytorch ' + mem:>13} {mem + ' k/p':>9}"
     print(header)
     print("-" * len(header))
-    for label, rrow, prow in table_rows(p):
+    for label, rrow, prow in rows:
         a, b = runner.get(rrow, {}), ref.get(prow, {}) if prow else {}
         note = a.get("skipped") or b.get("skipped") or ""
-        print(f"{label:<42} {fmt_s(a.get('seconds')):>9} {fmt_s(b.get('seconds')):>9} "
+        print(f"{label:<52} {fmt_s(a.get('seconds')):>9} {fmt_s(b.get('seconds')):>9} "
               f"{ratio(a.get('seconds'), b.get('seconds')):>9} {fmt_b(a.get(key)):>12} {fmt_b(b.get(key)):>13} "
               f"{ratio(a.get(key), b.get(key)):>9}  {note}")
 
@@ -326,29 +438,76 @@ def print_checks(results, p):
                   f"{left / (1 << 20):+.0f} MiB ({100 * left / (peak - base):.2f} % of the load; target <= 1 %)")
 
 
+def print_cpu_checks(results, p):
+    """The issue's targets that are not a time ratio: the loader against the read,
+    the load's peak against the weights, attention memory growth, decode speed."""
+    for side in ("runner", "reference"):
+        rows = results[side]
+        for cache in ("warm", "cold"):
+            read, load = rows.get(f"load-read-{cache}", {}), rows.get(f"load-{cache}", {})
+            if "seconds" in read and "seconds" in load:
+                print(f"{side} load {cache}: {load['seconds']:.2f} s against a plain read's {read['seconds']:.2f} s: "
+                      f"{read['seconds'] / load['seconds']:.2f}x the read speed (target >= 0.9)")
+        load = rows.get("load-warm", {})
+        if load.get("peak_rss") and load.get("weight_bytes"):
+            print(f"{side} load peak RSS {fmt_b(load['peak_rss'])} = {load['peak_rss'] / load['weight_bytes']:.3f}x "
+                  f"the {fmt_b(load['weight_bytes'])} of weights (target <= 1.05)")
+        grown = []
+        for _, tokens, _ in p["attention"]:
+            r = rows.get(f"attention-{tokens}-cpu" if side == "runner" else f"attention-{tokens}-sdpa", {})
+            if r.get("peak_rss") is not None and r.get("rss_at_start") is not None:
+                grown.append((tokens, r["peak_rss"] - r["rss_at_start"]))
+        if len(grown) == 2 and grown[0][1] > 0:
+            (t0, m0), (t1, m1) = grown
+            print(f"{side} attention memory above its inputs: {fmt_b(m0)} at {t0} tokens, {fmt_b(m1)} at {t1}: "
+                  f"{m1 / m0:.1f}x for {t1 / t0:.0f}x the tokens (linear: {t1 / t0:.0f}x, quadratic: {(t1 / t0) ** 2:.0f}x)")
+        for dtype in ("bf16", "f32"):
+            decode = rows.get(f"vlm-{p['vlm_shape']}-{dtype}-decode", {})
+            if decode.get("tokens_per_s"):
+                print(f"{side} Qwen2.5-VL {p['vlm_shape']} {dtype} decode: {decode['tokens_per_s']:.2f} tokens/s")
+        for row, r in sorted(rows.items()):
+            if r.get("finite") is False:
+                print(f"NOT FINITE: {side} row {row}")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runner", required=True, help="the kubewan-runner binary (CUDA build on a GPU)")
     parser.add_argument("--python", default=sys.executable, help="python with torch, diffusers, transformers")
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--tiny", action="store_true", help="tiny shapes (the CPU dry run)")
+    parser.add_argument("--tiny", action="store_true", help="tiny shapes (the CPU dry run; the CPU suite's --quick)")
+    parser.add_argument("--suite", choices=["gpu", "cpu"], default="gpu", help="cpu: issue 15's rows, on the CPU")
+    parser.add_argument("--threads", type=int, help="threads of each side (the CPU suite: default 2)")
     parser.add_argument("--work", default="/tmp/kubewan-bench", help="configs, images, the VLM checkpoint")
-    parser.add_argument("--budget-s", type=float, default=540, help="stop starting groups after this")
-    parser.add_argument("--only", help="comma-separated groups (attention,dit-1.3b,dit-14b,vlm,vae,umt5)")
+    parser.add_argument("--budget-s", type=float, help="stop starting groups after this (gpu: 540, cpu: 7200)")
+    parser.add_argument("--only", help="comma-separated groups (gpu: attention,dit-1.3b,dit-14b,vlm,vae,umt5; "
+                                           "cpu: load,dit,vae,attention-N,conv3d,gelu,umt5,vlm-bf16,vlm-f32)")
     parser.add_argument("--out", default=os.environ.get("OUT"), help="where bench.json goes")
     args = parser.parse_args()
 
     begin = time.time()
-    p, is_tiny = plan(args.tiny)
+    cpu = args.suite == "cpu"
+    if cpu:
+        args.device, args.threads = "cpu", args.threads or 2
+        p, is_tiny = cpu_plan(args.tiny), args.tiny
+    else:
+        p, is_tiny = plan(args.tiny)
+    args.budget_s = args.budget_s or (7200 if cpu else 540)
+    env = None
+    if args.threads:
+        # The runner's rayon pool and candle's gemm; PyTorch's intra-op pool (torch reads it at start).
+        env = {**os.environ, **{k: str(args.threads) for k in ("RAYON_NUM_THREADS", "OMP_NUM_THREADS",
+                                                                 "MKL_NUM_THREADS")}}
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     write_inputs(p, work)
     memory = Memory()
-    results = {"runner": {}, "reference": {}, "failures": [], "device": args.device, "tiny": is_tiny}
-    chosen = [g for g in groups(p, work) if not args.only or g[0] in args.only.split(",")]
+    results = {"runner": {}, "reference": {}, "failures": [], "device": args.device, "tiny": is_tiny,
+               "suite": args.suite, "threads": args.threads}
+    chosen = [g for g in (cpu_groups(p, work) if cpu else groups(p, work))
+              if not args.only or g[0] in args.only.split(",")]
     for name, bench_args in chosen:
-        if name == "vlm" and not (work / "vlm" / "config.json").is_file():
-            write_vlm(args.runner, work / "vlm", p["vlm_shape"])
+        prepare(name, args, p, work)
         for side, cmd in [("runner", [args.runner, "bench", bench_args[0], "--device", args.device, *bench_args[1:]]),
                           ("reference", [args.python, str(HERE / "reference.py"), bench_args[0],
                                          "--device", args.device, *bench_args[1:]])]:
@@ -357,16 +516,23 @@ def main():
                 results["failures"].append(f"{name} ({side}): skipped, the time budget is spent")
                 continue
             print(f"== {name}: {side} ({left:.0f} s left)", file=sys.stderr, flush=True)
-            run = Side(side, cmd, memory, timeout=left)
+            run = Side(side, cmd, memory, timeout=left, env=env)
             results[side].update(run.rows)
+            for row, r in run.rows.items():  # as they come: a long run stopped early keeps them
+                if "seconds" in r:
+                    print(f"  {side} {row}: {fmt_s(r['seconds'])}, peak RSS {fmt_b(r.get('peak_rss'))}",
+                          file=sys.stderr, flush=True)
             if run.failure():
                 results["failures"].append(f"{name} ({side}): {run.failure()}")
     results["vram_method"] = sorted(memory.methods)
     print()
     print(f"peak VRAM: {', '.join(sorted(memory.methods)) or 'not measured (no NVML)'}; peak RSS from /proc")
-    print_table(results, p, args.device)
+    print_table(results, p, args.device, cpu_table_rows(p) if cpu else table_rows(p))
     print()
-    print_checks(results, p)
+    if cpu:
+        print_cpu_checks(results, p)
+    else:
+        print_checks(results, p)
     for failure in results["failures"]:
         print(f"FAILED: {failure}")
     print(f"total {time.time() - begin:.0f} s")
