@@ -18,6 +18,7 @@ use anyhow::{Context, Result, bail};
 use candle_core::{DType, Device, Tensor};
 use clap::{Args, Subcommand};
 use kubewan_model_common::device::{DeviceChoice, compute_dtype, device_label};
+use kubewan_model_common::nn::attention as dispatched_attention;
 use kubewan_model_common::nn::{Mask, chunked_attention, flash_attention};
 use kubewan_model_common::random::RandomWeights;
 use kubewan_model_common::safetensors::read_header;
@@ -31,7 +32,7 @@ use serde_json::{Value, json};
 
 use crate::admission::wan::{WanShapes, decode_activations, dit_forward_bytes, dit_tokens};
 use crate::admission::{Activations, Admission, PhaseNeed};
-use crate::probe::{Probe, phases};
+use crate::probe::{Probe, hwm_bytes, phases, reset_hwm, rss_bytes, trim_heap};
 use crate::vlm_cli::DEVICE_ENV;
 
 #[derive(Subcommand, Debug)]
@@ -42,7 +43,8 @@ pub enum BenchCommand {
     VaeDecode(VideoArgs),
     /// The UMT5 text encoder over random token ids.
     Umt5(Umt5Args),
-    /// FlashAttention and the chunked attention on one random q/k/v, and how far apart they are.
+    /// FlashAttention (CUDA) or the tiled attention (CPU) and the chunked attention on one random
+    /// q/k/v, and how far apart they are.
     Attention(AttentionArgs),
     /// Writes a random-weight Qwen2.5-VL checkpoint in the released layout.
     WriteVlm(WriteVlmArgs),
@@ -102,6 +104,12 @@ pub struct AttentionArgs {
     pub tokens: usize,
     #[arg(long, default_value_t = 128)]
     pub head_dim: usize,
+    /// f32, bf16 or f16; the device's compute dtype when absent.
+    #[arg(long)]
+    pub dtype: Option<DType>,
+    /// CPU: rounds of the chunked and the tiled path, alternating.
+    #[arg(long, default_value_t = 3)]
+    pub rounds: usize,
 }
 
 #[derive(Args, Debug)]
@@ -398,20 +406,19 @@ fn relative_error(a: &Tensor, b: &Tensor) -> Result<f64> {
 
 fn attention(args: &AttentionArgs) -> Result<()> {
     let device = open_device(args.common.device)?;
-    let dtype = model_dtype(&device);
+    let dtype = args.dtype.unwrap_or_else(|| model_dtype(&device));
     let shape = [1, args.heads, args.tokens, args.head_dim];
     let qkv = |_| -> Result<Tensor> { Ok(randn(&shape, &device)?.to_dtype(dtype)?) };
     let (q, k, v) = (qkv(0)?, qkv(1)?, qkv(2)?);
     let scale = (args.head_dim as f64).powf(-0.5);
     let extra = || json!({"tokens": args.tokens, "heads": args.heads, "head_dim": args.head_dim});
+    if !device.is_cuda() {
+        return cpu_attention(args, [&q, &k, &v], scale);
+    }
     let chunked_row = format!("{}-chunked", args.common.row);
     let chunked = timed(&chunked_row, &device, || {
         Ok((chunked_attention(&q, &k, &v, Mask::None, scale)?, extra()))
     })?;
-    if !device.is_cuda() {
-        eprintln!("flash attention needs a CUDA device: {chunked_row} only");
-        return Ok(());
-    }
     flash_attention(&q, &k, &v, Mask::None, scale)?; // warm-up
     let flash_row = format!("{}-flash", args.common.row);
     let flash = timed(&flash_row, &device, || {
@@ -426,6 +433,45 @@ fn attention(args: &AttentionArgs) -> Result<()> {
         let error = flash_case_error(case, &device, dtype)?;
         let row = format!("{}-check-{}", args.common.row, case.name);
         emit(&row, "check", json!({"relative_error_vs_chunked": error}));
+    }
+    Ok(())
+}
+
+/// The CPU's attention paths, alternating for `args.rounds` rounds: the
+/// chunked reference and the tiled path `attention` dispatches to. Each row
+/// carries its peak memory: the rise of the RSS high-water mark (reset before
+/// each run) over the RSS before it, output included.
+fn cpu_attention(args: &AttentionArgs, [q, k, v]: [&Tensor; 3], scale: f64) -> Result<()> {
+    type AttentionFn = fn(&Tensor, &Tensor, &Tensor, Mask, f64) -> candle_core::Result<Tensor>;
+    let paths: [(&str, AttentionFn); 2] = [
+        ("chunked", chunked_attention),
+        ("tiled", dispatched_attention),
+    ];
+    let mut outputs = Vec::new();
+    for round in 0..args.rounds {
+        outputs.clear();
+        for (name, path) in paths {
+            trim_heap();
+            let hwm_reset = reset_hwm();
+            let before = rss_bytes();
+            let row = format!("{}-{name}", args.common.row);
+            let out = timed(&row, q.device(), || {
+                let out = path(q, k, v, Mask::None, scale)?;
+                let peak = hwm_reset.then(|| hwm_bytes().saturating_sub(before));
+                let extra = json!({"round": round, "tokens": args.tokens, "heads": args.heads,
+                    "head_dim": args.head_dim, "peak_bytes_over_rss": peak});
+                Ok((out, extra))
+            })?;
+            outputs.push(out);
+        }
+    }
+    if let [chunked, tiled] = &outputs[..] {
+        let row = format!("{}-tiled", args.common.row);
+        emit(
+            &row,
+            "check",
+            json!({"relative_error_vs_chunked": relative_error(tiled, chunked)?}),
+        );
     }
     Ok(())
 }

@@ -15,6 +15,7 @@ pub mod nn;
 pub mod pil;
 pub mod random;
 pub mod safetensors;
+mod tiled_attention;
 
 use std::path::{Path, PathBuf};
 
