@@ -18,6 +18,7 @@ pub mod pil;
 pub mod random;
 pub mod safetensors;
 pub mod small_batch;
+mod tiled_attention;
 
 use std::path::{Path, PathBuf};
 

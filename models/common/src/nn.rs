@@ -7,6 +7,7 @@ use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use crate::small_batch;
+use crate::tiled_attention;
 
 /// A linear layer as transformers and diffusers save it (`weight` `[out, in]`,
 /// optional `bias` `[out]`): candle's, except that a few rows of bf16 on the
@@ -135,12 +136,26 @@ fn chunk_queries(budget_elems: usize, batch: usize, queries: usize, keys: usize)
 }
 
 /// Elements of the largest score block [`attention`] holds at once on
-/// `device` for `batch` (batch × heads) rows of `queries` attending to
-/// `keys`: one chunk of queries. Memory estimates size attention with it;
-/// where [`flash_attention`] runs (CUDA, bf16) no score block exists, so the
+/// `device` for `batch` (batch × heads) rows of `queries` attending to `keys`
+/// of `head_dim`. Memory estimates size attention with it. On the CPU without
+/// an additive mask that is the tiled path's f32 tiles of every worker (no
+/// score matrix: independent of the lengths once they exceed a tile);
+/// otherwise one chunk of queries of the chunked path. Where
+/// [`flash_attention`] runs (CUDA, bf16) no score block exists, so the
 /// estimate is an upper bound there.
-pub fn attention_score_elems(device: &Device, batch: usize, queries: usize, keys: usize) -> usize {
-    batch * chunk_queries(score_budget(device), batch, queries, keys) * keys
+pub fn attention_score_elems(
+    device: &Device,
+    batch: usize,
+    queries: usize,
+    keys: usize,
+    head_dim: usize,
+    additive_mask: bool,
+) -> usize {
+    if device.is_cpu() && !additive_mask {
+        tiled_attention::scratch_elems(batch, queries, keys, head_dim)
+    } else {
+        batch * chunk_queries(score_budget(device), batch, queries, keys) * keys
+    }
 }
 
 /// Scaled dot-product attention `softmax(q·kᵀ·scale + mask)·v` over
@@ -150,13 +165,16 @@ pub fn attention_score_elems(device: &Device, batch: usize, queries: usize, keys
 ///
 /// Every model's attention goes through here. On a CUDA device, bf16 inputs
 /// with a head dim FlashAttention has kernels for and no additive mask run
-/// [`flash_attention`], which never materialises the score matrix; everything
-/// else (the CPU, f32 models such as the VAE, additive biases) runs
-/// [`chunked_attention`], whose results the parity tests compare with the
-/// references.
+/// [`flash_attention`]; on the CPU, inputs without an additive mask run the
+/// tiled online softmax ([`crate::tiled_attention`], f32 throughout); neither
+/// materialises the score matrix. Everything else (additive biases, f32 on a
+/// GPU) runs [`chunked_attention`], the straightforward reference the tiled
+/// path is tested against.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Mask, scale: f64) -> Result<Tensor> {
     if flash_applies(q, k, v, mask) {
         flash_attention(q, k, v, mask, scale)
+    } else if tiled_attention::applies(q, k, v, mask) {
+        tiled_attention::tiled_attention(q, k, v, mask, scale)
     } else {
         chunked_attention(q, k, v, mask, scale)
     }
@@ -359,14 +377,21 @@ mod tests {
     }
 
     #[test]
-    fn score_blocks_are_one_chunk_of_queries() {
+    fn score_blocks_are_one_chunk_of_queries_with_an_additive_mask() {
         let cpu = Device::Cpu;
         // Small enough for one chunk: every score at once.
-        assert_eq!(attention_score_elems(&cpu, 2, 100, 50), 2 * 100 * 50);
+        assert_eq!(
+            attention_score_elems(&cpu, 2, 100, 50, 64, true),
+            2 * 100 * 50
+        );
         // 12 heads x 32760 tokens: 170 queries a chunk within the 64 Mi budget.
-        let wan_480p = attention_score_elems(&cpu, 12, 32_760, 32_760);
+        let wan_480p = attention_score_elems(&cpu, 12, 32_760, 32_760, 128, true);
         assert_eq!(wan_480p, 12 * 170 * 32_760);
         assert!(wan_480p <= 64 << 20);
+        // Without one the CPU holds tiles only: the same at 780 and 32 760 tokens.
+        let tiles = attention_score_elems(&cpu, 12, 32_760, 32_760, 128, false);
+        assert_eq!(tiles, attention_score_elems(&cpu, 12, 780, 780, 128, false));
+        assert!(tiles < wan_480p / 100);
     }
 
     #[test]

@@ -85,8 +85,10 @@ pub fn generate_activations(
     device: &Device,
 ) -> Result<Activations> {
     let s = shapes.dtype.size_in_bytes() as u64;
-    let scores = |b: usize, q: u64, k: u64| {
-        attention_score_elems(device, b, q as usize, k as usize) as u64 * (2 * s + 8)
+    // Neither tower has an additive mask (the text's is causal).
+    let scores = |b: usize, q: u64, k: u64, head_dim: usize| {
+        attention_score_elems(device, b, q as usize, k as usize, head_dim, false) as u64
+            * (2 * s + 8)
     };
     let (w, h) = shapes.canvas;
     let (rh, rw) = smart_resize(
@@ -103,7 +105,7 @@ pub fn generate_activations(
     let vision = patches * patch_values * 4
         + patches * dv * (8 * s + 12)
         + 3 * patches * iv * s
-        + scores(v.num_heads, patches, patches);
+        + scores(v.num_heads, patches, patches, v.head_dim());
 
     let t = &config.text;
     let merge = (pre.merge_size * pre.merge_size) as u64;
@@ -111,7 +113,7 @@ pub fn generate_activations(
     let (d, i) = (t.hidden_size as u64, t.intermediate_size as u64);
     let prefill = tokens * d * (8 * s + 12)
         + 3 * tokens * i * s
-        + scores(t.num_attention_heads, tokens, tokens)
+        + scores(t.num_attention_heads, tokens, tokens, t.head_dim())
         + tokens * tokens * 4;
     let kv_cache = t.num_hidden_layers as u64
         * 2

@@ -205,10 +205,28 @@ fn size(dtype: DType) -> u64 {
     dtype.size_in_bytes() as u64
 }
 
+/// The shape of one attention for [`scores`].
+struct AttentionShape {
+    /// Batch × heads.
+    batch: usize,
+    queries: usize,
+    keys: usize,
+    head_dim: usize,
+    additive_mask: bool,
+}
+
 /// Bytes of one chunk of attention scores: the product in `s`, the f32
 /// scores and the f32 softmax.
-fn scores(device: &Device, batch: usize, queries: usize, keys: usize, s: u64) -> u64 {
-    attention_score_elems(device, batch, queries, keys) as u64 * (2 * s + 8)
+fn scores(device: &Device, a: AttentionShape, s: u64) -> u64 {
+    let elems = attention_score_elems(
+        device,
+        a.batch,
+        a.queries,
+        a.keys,
+        a.head_dim,
+        a.additive_mask,
+    );
+    elems as u64 * (2 * s + 8)
 }
 
 /// CLIP tokens per image: the patches and the class token.
@@ -224,7 +242,18 @@ fn text_encode_activations(cfg: &Configs, shapes: &WanShapes, device: &Device) -
     let umt5 = 2 * l * t.d_model as u64 * s
         + 4 * l * inner * s
         + t.num_heads as u64 * l * l * 4
-        + scores(device, t.num_heads, l as usize, l as usize, s)
+        + scores(
+            device,
+            AttentionShape {
+                batch: t.num_heads,
+                queries: l as usize,
+                keys: l as usize,
+                head_dim: t.d_kv,
+                // UMT5's relative position bias
+                additive_mask: true,
+            },
+            s,
+        )
         + 3 * l * t.d_ff as u64 * s;
     let clip = cfg.image.as_ref().map_or(0, |c| {
         let (n, tok) = (2, clip_tokens(c) as u64);
@@ -235,9 +264,13 @@ fn text_encode_activations(cfg: &Configs, shapes: &WanShapes, device: &Device) -
             + 4 * n * tok * d * s
             + scores(
                 device,
-                2 * c.num_attention_heads,
-                tok as usize,
-                tok as usize,
+                AttentionShape {
+                    batch: 2 * c.num_attention_heads,
+                    queries: tok as usize,
+                    keys: tok as usize,
+                    head_dim: c.hidden_size / c.num_attention_heads,
+                    additive_mask: false,
+                },
                 s,
             )
             + 2 * n * tok * c.intermediate_size as u64 * s
@@ -291,9 +324,13 @@ pub fn dit_forward_bytes(
         .map(|keys| {
             scores(
                 device,
-                b as usize * tr.num_attention_heads,
-                n as usize,
-                keys,
+                AttentionShape {
+                    batch: b as usize * tr.num_attention_heads,
+                    queries: n as usize,
+                    keys,
+                    head_dim: tr.attention_head_dim,
+                    additive_mask: false,
+                },
                 s,
             )
         })
