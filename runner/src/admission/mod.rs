@@ -377,6 +377,17 @@ impl Admission {
     }
 }
 
+/// The tiled CPU attention's scratch in f32 elements, worked out by hand
+/// for lengths of at least a tile and more tiles than workers: per worker a
+/// 64-query × 256-key score tile, the accumulator and the query tile
+/// (64 × head dim each), the key and value tiles (256 × head dim each) and
+/// two statistics per query.
+#[cfg(test)]
+fn tiled_scratch_by_hand(head_dim: u64) -> u64 {
+    let workers = candle_core::utils::get_num_threads() as u64;
+    workers * (64 * 256 + 2 * 64 * head_dim + 2 * 256 * head_dim + 2 * 64)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

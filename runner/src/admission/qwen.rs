@@ -3,9 +3,10 @@
 //! activations of one prompt, the largest keyframe pair counting).
 //!
 //! Notation: `s` bytes per element of the compute dtype; `S(b, q, k)` the
-//! score block the shared attention holds at once (one chunk of queries,
-//! [`attention_score_elems`]), whose bytes are `S·(2s + 8)` (the product in
-//! `s`, the f32 scores, the f32 softmax).
+//! score block the shared attention holds at once ([`attention_score_elems`]:
+//! the tiled path's scratch on the CPU, one chunk of queries elsewhere), whose
+//! bytes are `S·(2s + 8)` (the product in `s`, the f32 scores, the f32
+//! softmax; an upper bound for the CPU's f32 tiles).
 //!
 //! **Vision tower** — the pair is one canvas of `w1 + w2` × `max(h1, h2)`
 //! pixels, resized as the processor resizes it (`smart_resize` to multiples of
@@ -134,6 +135,7 @@ pub fn generate_activations(
 
 #[cfg(test)]
 mod tests {
+    use super::super::tiled_scratch_by_hand;
     use super::*;
 
     fn shapes(canvas: (u32, u32)) -> VlmShapes {
@@ -174,15 +176,17 @@ mod tests {
         // Two 832x480 keyframes: 1664x480 → smart_resize 1652x476 → 34 × 118 patches.
         let a = generate_activations(&config, &pre, &shapes((1664, 480)), &cpu).unwrap();
         let p: u64 = 34 * 118;
-        // The scores in chunks of 64 Mi elements: 16 heads × 4012 keys → 1045
-        // queries; 28 heads × 1967 keys → 1218 queries.
-        let vision =
-            p * 1176 * 4 + p * 1280 * (8 * 2 + 12) + 3 * p * 3420 * 2 + 16 * 1045 * p * (2 * 2 + 8);
+        // On the CPU attention holds no score matrix, only the tiled path's
+        // scratch (head dims 80 and 128).
+        let vision = p * 1176 * 4
+            + p * 1280 * (8 * 2 + 12)
+            + 3 * p * 3420 * 2
+            + tiled_scratch_by_hand(80) * (2 * 2 + 8);
         let tokens = p / 4 + 900 + 64;
         assert_eq!(tokens, 1967);
         let prefill = tokens * 3584 * (8 * 2 + 12)
             + 3 * tokens * 18944 * 2
-            + 28 * 1218 * tokens * 12
+            + tiled_scratch_by_hand(128) * 12
             + tokens * tokens * 4;
         let kv = 28 * 2 * (tokens + 512) * 4 * 128 * 2;
         let expected = vision.max(prefill) + tokens * 3584 * 2 + kv + 152064 * 6;
