@@ -1,8 +1,8 @@
 //! A VLM that cannot fit (see [`kubewan_e2e::pipeline::vlm_cannot_fit`]):
-//! the tiny Qwen2.5-VL, allowed images of up to 1 Mpx as the released models
-//! are, gets a pair of 1920×1080 keyframes under `runner.memoryLimit: 256Mi`,
-//! which local mode holds the stages to as a pod's cgroup would. Its vision
-//! tower's full-attention scores alone are hundreds of MiB, so the admission
+//! the tiny Qwen2.5-VL, allowed images of up to 4 Mpx, gets a pair of
+//! 1920×1080 keyframes under `runner.memoryLimit: 128Mi`, which local mode
+//! holds the stages to as a pod's cgroup would. Its vision tower's
+//! activations over ~20000 patches are about 200 MiB, so the admission
 //! refuses phase vlm_generate before anything is loaded, and
 //! `enhancePrompt.onFailure` decides: Fallback goes on with the spec's
 //! prompts and says so in condition PromptsFellBack (reason VlmRefused); Fail
