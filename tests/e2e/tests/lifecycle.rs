@@ -190,10 +190,13 @@ async fn suspend_stops_the_job_and_resume_finishes_it() {
     )
     .await
     .unwrap();
-    // Within the default 30 s grace period: the runner (PID 1 in its
-    // container) stops on SIGTERM instead of waiting for the SIGKILL.
+    // The operator deletes the running pods. A deleted pod counts as stopped
+    // once the API server has its deletion: how soon it disappears is the
+    // kubelet's (Kubernetes 1.20's kubelet can keep a pod deleted while its
+    // container was starting for a resync period). The runner's own prompt
+    // stop on SIGTERM is runner/tests/run_task.rs's.
     wait_until(
-        Duration::from_secs(30),
+        Duration::from_secs(60),
         "no active pod while suspended",
         || async {
             Ok(job_pods(&client, ns, "paused").await?.iter().all(|p| {
@@ -202,7 +205,7 @@ async fn suspend_stops_the_job_and_resume_finishes_it() {
                     .as_ref()
                     .and_then(|s| s.phase.clone())
                     .unwrap_or_default();
-                phase == "Succeeded" || phase == "Failed"
+                phase == "Succeeded" || phase == "Failed" || p.metadata.deletion_timestamp.is_some()
             }))
         },
     )
