@@ -285,7 +285,7 @@ mod tests {
     /// both paths alternately, best of 3. Timing, not a check:
     /// `RAYON_NUM_THREADS=2 cargo test --release -p kubewan-wan --lib conv3d_speed -- --ignored --nocapture`
     #[test]
-    #[ignore]
+    #[ignore = "a timing of both conv3d paths, run by hand (see the doc comment), not a check"]
     fn conv3d_speed() {
         let (gemm, taps) = both_paths((192, 192), (3, 3, 3), (1, 1, 1), (1, 1, 1));
         let x = randn(&[2, 192, 60, 104]);
