@@ -7,11 +7,15 @@
 //! mounted volume: a `config.json` and either one `<stem>.safetensors` or
 //! shards listed by `<stem>.safetensors.index.json`. Problems are reported
 //! with the path they concern, so a broken checkpoint is one readable error.
+//!
+//! Linking this crate sets the process's global allocator: the system's, which
+//! also knows the weights adopted from mapped checkpoint files (`mapped.rs`).
 
 pub mod activation;
 pub mod checkpoint;
 pub mod device;
 pub mod fuzzing;
+mod mapped;
 pub mod nn;
 pub mod parallel;
 pub mod pil;

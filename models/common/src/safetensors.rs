@@ -4,7 +4,9 @@
 //! stem resolved to its files through the shard index ([`weight_files`],
 //! [`safetensors_files`]), and the tensor-by-tensor loader built on them
 //! ([`var_builder`], and [`var_builder_with`], which hands every tensor to a
-//! transform as it is read: how LoRAs are merged while loading). The
+//! transform as it is read: how LoRAs are merged while loading; CPU tensors
+//! kept in their stored dtype are adopted from the mapped file instead, see
+//! [`crate::mapped`]). The
 //! checkpoint check and every model loader use these, so a file that passes
 //! the check is one the loader can read.
 
@@ -17,6 +19,7 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use half::{bf16, f16};
 
+use crate::mapped::MappedFile;
 use crate::{LoadError, read_json};
 
 /// One tensor of a safetensors file, as its header describes it.
@@ -191,11 +194,14 @@ fn check_contiguous(mut ranges: Vec<(u64, u64, String)>, data_len: u64) -> Resul
 }
 
 /// An open safetensors file with its validated header, from which tensors are
-/// read one at a time (positioned reads: nothing else of the file is touched).
+/// read one at a time (positioned reads: nothing else of the file is touched),
+/// or, once [`Self::map`]ped, adopted from the file's pages where they are
+/// loaded in the dtype they are stored in.
 #[derive(Debug)]
 pub struct SafetensorsFile {
     path: PathBuf,
     file: File,
+    mapped: Option<MappedFile>,
     pub header: SafetensorsHeader,
 }
 
@@ -216,8 +222,20 @@ impl SafetensorsFile {
         Ok(Self {
             path: path.to_owned(),
             file,
+            mapped: None,
             header,
         })
+    }
+
+    /// Maps the file so that the CPU tensors loaded from it in their stored
+    /// dtype keep its pages (see [`crate::mapped`]); where it cannot be
+    /// mapped, they are read into memory like the others.
+    fn map(&mut self) {
+        self.mapped = self
+            .file
+            .metadata()
+            .ok()
+            .and_then(|meta| MappedFile::map(&self.file, meta.len()));
     }
 
     pub fn path(&self) -> &Path {
@@ -254,7 +272,11 @@ impl SafetensorsFile {
         } else {
             info.dtype
         };
-        reader.load(&self.file, info, target).map_err(|e| match e {
+        let source = Source {
+            file: &self.file,
+            mapped: self.mapped.as_ref(),
+        };
+        reader.load(source, info, target).map_err(|e| match e {
             ReadError::Io(source) => LoadError::Read {
                 path: self.path.clone(),
                 source,
@@ -306,6 +328,14 @@ enum ReadError {
     Candle(candle_core::Error),
 }
 
+/// Where a tensor's bytes come from: the open file, and its mapping when the
+/// file is mapped.
+#[derive(Clone, Copy)]
+struct Source<'a> {
+    file: &'a File,
+    mapped: Option<&'a MappedFile>,
+}
+
 /// Reads tensors straight into the memory candle keeps: the bytes of a tensor
 /// whose dtype stays are read (positioned reads) into its final buffer, and
 /// a tensor converted between f32, bf16 and f16 is read a chunk at a time into
@@ -337,47 +367,72 @@ impl Reader {
         }
     }
 
-    fn load(&mut self, file: &File, info: &TensorInfo, target: DType) -> Result<Tensor, ReadError> {
+    fn load(
+        &mut self,
+        source: Source,
+        info: &TensorInfo,
+        target: DType,
+    ) -> Result<Tensor, ReadError> {
         use DType::{BF16, F16, F32};
         // The header fits the file, so `len` is below the file size and fits usize.
         let len = info.len as usize;
         let shape = info.shape.as_slice();
         match (info.dtype, target) {
             (from, to) if from == to => match from {
-                F32 => self.direct::<f32>(file, info.offset, len, shape),
-                BF16 => self.direct::<bf16>(file, info.offset, len, shape),
-                F16 => self.direct::<f16>(file, info.offset, len, shape),
-                DType::F64 => self.direct::<f64>(file, info.offset, len, shape),
-                DType::I64 => self.direct::<i64>(file, info.offset, len, shape),
-                DType::I32 => self.direct::<i32>(file, info.offset, len, shape),
-                DType::I16 => self.direct::<i16>(file, info.offset, len, shape),
-                DType::U32 => self.direct::<u32>(file, info.offset, len, shape),
-                DType::U8 => self.direct::<u8>(file, info.offset, len, shape),
-                _ => self.via_candle(file, info, target),
+                F32 => self.direct::<f32>(source, info.offset, len, shape),
+                BF16 => self.direct::<bf16>(source, info.offset, len, shape),
+                F16 => self.direct::<f16>(source, info.offset, len, shape),
+                DType::F64 => self.direct::<f64>(source, info.offset, len, shape),
+                DType::I64 => self.direct::<i64>(source, info.offset, len, shape),
+                DType::I32 => self.direct::<i32>(source, info.offset, len, shape),
+                DType::I16 => self.direct::<i16>(source, info.offset, len, shape),
+                DType::U32 => self.direct::<u32>(source, info.offset, len, shape),
+                DType::U8 => self.direct::<u8>(source, info.offset, len, shape),
+                _ => self.via_candle(source.file, info, target),
             },
             // The conversions of candle's CPU `to_dtype` (candle-core's cpu_backend).
-            (BF16, F32) => self.converted(file, info.offset, len, shape, |v: bf16| v.to_f32()),
-            (F16, F32) => self.converted(file, info.offset, len, shape, |v: f16| v.to_f32()),
-            (F32, BF16) => self.converted(file, info.offset, len, shape, bf16::from_f32),
-            (F16, BF16) => self.converted(file, info.offset, len, shape, |v: f16| {
+            (BF16, F32) => {
+                self.converted(source.file, info.offset, len, shape, |v: bf16| v.to_f32())
+            }
+            (F16, F32) => self.converted(source.file, info.offset, len, shape, |v: f16| v.to_f32()),
+            (F32, BF16) => self.converted(source.file, info.offset, len, shape, bf16::from_f32),
+            (F16, BF16) => self.converted(source.file, info.offset, len, shape, |v: f16| {
                 bf16::from_f32(v.to_f32())
             }),
-            (F32, F16) => self.converted(file, info.offset, len, shape, f16::from_f32),
-            (BF16, F16) => self.converted(file, info.offset, len, shape, |v: bf16| {
+            (F32, F16) => self.converted(source.file, info.offset, len, shape, f16::from_f32),
+            (BF16, F16) => self.converted(source.file, info.offset, len, shape, |v: bf16| {
                 f16::from_f32(v.to_f32())
             }),
-            _ => self.via_candle(file, info, target),
+            _ => self.via_candle(source.file, info, target),
         }
     }
 
-    /// A tensor in its stored dtype `T`: its bytes read into its buffer.
+    /// A tensor in its stored dtype `T`: adopted from the file's mapping, or
+    /// its bytes read into its buffer.
     fn direct<T: Plain>(
         &mut self,
-        file: &File,
+        source: Source,
         offset: u64,
         len: usize,
         shape: &[usize],
     ) -> Result<Tensor, ReadError> {
+        let adopted = source
+            .mapped
+            .and_then(|mapped| mapped.adopt::<T>(offset, len, self.threads));
+        let data = match adopted {
+            Some(data) => data,
+            None => self.read_into_memory(source.file, offset, len)?,
+        };
+        Tensor::from_vec(data, shape, &Device::Cpu).map_err(ReadError::Candle)
+    }
+
+    /// The `len` bytes at `offset` of `file` read into a new buffer of `T`s.
+    fn read_into_memory<T: Plain>(
+        &mut self,
+        file: &File,
+        offset: u64,
+        len: usize,
+    ) -> Result<Vec<T>, ReadError> {
         let mut data = zeroed_vec::<T>(len / std::mem::size_of::<T>());
         let chunk = self.chunk_bytes / std::mem::size_of::<T>();
         let threads = self.threads;
@@ -392,7 +447,7 @@ impl Reader {
             },
         )
         .map_err(ReadError::Io)?;
-        Tensor::from_vec(data, shape, &Device::Cpu).map_err(ReadError::Candle)
+        Ok(data)
     }
 
     /// A tensor stored as `S`, converted element by element with `convert`
@@ -667,19 +722,22 @@ pub fn safetensors_files(dir: &Path, stem: &str) -> Result<Vec<PathBuf>, LoadErr
     }
 }
 
-/// The weights `<stem>` of `dir` (see [`safetensors_files`]) read into memory
-/// on `device`, floats converted to `dtype`, as a VarBuilder.
+/// The weights `<stem>` of `dir` (see [`safetensors_files`]) loaded on
+/// `device`, floats converted to `dtype`, as a VarBuilder.
 ///
-/// Reads one tensor at a time with positioned reads instead of memory-mapping:
-/// candle's mmap-backed VarBuilder keeps every mapped page resident (RssFile)
-/// while it copies tensors out, so a CPU load would peak at twice the weights.
-/// Each tensor is read straight into the buffer the tensor keeps (one copy out
-/// of the page cache), by several threads when it is large; floats stored in
-/// another dtype are converted chunk by chunk as they are read, bit for bit as
-/// candle's `to_dtype` converts them. The file is read in order, the kernel
-/// asked to read ahead of it. Here the peak is the weights plus, when
-/// converting, one 8 MiB scratch buffer per reading thread (on a GPU: plus one
-/// tensor of host memory, copied to the device as it is read).
+/// On the CPU, a tensor stored in the dtype it is loaded in is the file's own
+/// pages, mapped (see [`crate::mapped`]): loading it costs what reading the
+/// file costs, and it stays resident once, in the page cache. Every other
+/// tensor (converted, or for a GPU, or where the file cannot be mapped) is
+/// read one tensor at a time with positioned reads straight into the buffer
+/// it keeps (several threads for a large one), floats converted chunk by
+/// chunk as they are read, bit for bit as candle's `to_dtype` converts them.
+/// Not candle's mmap-backed VarBuilder: it copies every tensor out of the
+/// mapping and keeps the mapped pages resident meanwhile, so a CPU load would
+/// peak at twice the weights. The file is read in order, the kernel asked to
+/// read ahead of it. Here the peak is the weights plus, when converting, one
+/// 8 MiB scratch buffer per reading thread (on a GPU: plus one tensor of host
+/// memory, copied to the device as it is read).
 pub fn var_builder(
     dir: &Path,
     stem: &str,
@@ -742,7 +800,10 @@ fn read_safetensors<E: From<LoadError>>(
     reader: &mut Reader,
     out: &mut HashMap<String, Tensor>,
 ) -> Result<(), E> {
-    let file = SafetensorsFile::open(path)?;
+    let mut file = SafetensorsFile::open(path)?;
+    if device.is_cpu() {
+        file.map();
+    }
     // In file order, the kernel told to read ahead of the tensor being read:
     // one sequential pass over the file however the reading threads interleave.
     let mut order: Vec<_> = file.header.tensors.iter().collect();
@@ -797,6 +858,25 @@ mod tests {
         let path = dir.path().join("w.safetensors");
         write_raw(&path, entry, data);
         read_header(&path).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn a_cpu_load_in_the_stored_dtype_keeps_the_files_pages_until_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write_weights(dir.path());
+        let is_mapped = || {
+            let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+            maps.lines().any(|l| l.ends_with(path.to_str().unwrap()))
+        };
+        let converted = var_builder(dir.path(), "model", DType::F16, &Device::Cpu).unwrap();
+        assert!(!is_mapped(), "a converted load keeps no mapping");
+        let vb = var_builder(dir.path(), "model", DType::F32, &Device::Cpu).unwrap();
+        let w = vb.get((2, 3), "w").unwrap();
+        drop((vb, converted));
+        assert!(is_mapped(), "the tensor is the file's pages");
+        assert_eq!(w.sum_all().unwrap().to_scalar::<f32>().unwrap(), 15.0);
+        drop(w);
+        assert!(!is_mapped(), "dropping the last tensor unmaps the file");
     }
 
     #[test]
