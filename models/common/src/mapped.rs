@@ -3,7 +3,8 @@
 //! has them (the page cache), mapped into the process, instead of a copy in
 //! fresh memory. Loading then costs what reading the file costs — no page of
 //! anonymous memory zeroed and no copy — and the resident set is still the
-//! weights once.
+//! weights once. A tensor loaded for a GPU is copied to the device from the
+//! same adopted pages, which leave the process as soon as it is.
 //!
 //! candle keeps a CPU tensor's data in a `Vec`, which its allocator frees.
 //! So a mapped file lives in a slot of one address range reserved at the

@@ -227,9 +227,9 @@ impl SafetensorsFile {
         })
     }
 
-    /// Maps the file so that the CPU tensors loaded from it in their stored
-    /// dtype keep its pages (see [`crate::mapped`]); where it cannot be
-    /// mapped, they are read into memory like the others.
+    /// Maps the file so that the tensors loaded from it in their stored dtype
+    /// are its pages (see [`crate::mapped`]); where it cannot be mapped, they
+    /// are read into memory like the others.
     fn map(&mut self) {
         self.mapped = self
             .file
@@ -725,19 +725,21 @@ pub fn safetensors_files(dir: &Path, stem: &str) -> Result<Vec<PathBuf>, LoadErr
 /// The weights `<stem>` of `dir` (see [`safetensors_files`]) loaded on
 /// `device`, floats converted to `dtype`, as a VarBuilder.
 ///
-/// On the CPU, a tensor stored in the dtype it is loaded in is the file's own
-/// pages, mapped (see [`crate::mapped`]): loading it costs what reading the
-/// file costs, and it stays resident once, in the page cache. Every other
-/// tensor (converted, or for a GPU, or where the file cannot be mapped) is
-/// read one tensor at a time with positioned reads straight into the buffer
-/// it keeps (several threads for a large one), floats converted chunk by
-/// chunk as they are read, bit for bit as candle's `to_dtype` converts them.
+/// A tensor stored in the dtype it is loaded in is the file's own pages,
+/// mapped (see [`crate::mapped`]): on the CPU that is the tensor, so loading
+/// it costs what reading the file costs and it is resident once, in the page
+/// cache; for a GPU it is copied to the device from those pages, which are
+/// then dropped. Every other tensor (converted, or where the file cannot be
+/// mapped) is read one tensor at a time with positioned reads straight into
+/// the buffer it keeps (several threads for a large one), floats converted
+/// chunk by chunk as they are read, bit for bit as candle's `to_dtype`
+/// converts them, then moved to the device.
 /// Not candle's mmap-backed VarBuilder: it copies every tensor out of the
 /// mapping and keeps the mapped pages resident meanwhile, so a CPU load would
 /// peak at twice the weights. The file is read in order, the kernel asked to
 /// read ahead of it. Here the peak is the weights plus, when converting, one
-/// 8 MiB scratch buffer per reading thread (on a GPU: plus one tensor of host
-/// memory, copied to the device as it is read).
+/// 8 MiB scratch buffer per reading thread (on a GPU: plus one tensor in host
+/// memory or mapped, copied to the device as it is read).
 pub fn var_builder(
     dir: &Path,
     stem: &str,
@@ -801,9 +803,7 @@ fn read_safetensors<E: From<LoadError>>(
     out: &mut HashMap<String, Tensor>,
 ) -> Result<(), E> {
     let mut file = SafetensorsFile::open(path)?;
-    if device.is_cpu() {
-        file.map();
-    }
+    file.map();
     // In file order, the kernel told to read ahead of the tensor being read:
     // one sequential pass over the file however the reading threads interleave.
     let mut order: Vec<_> = file.header.tensors.iter().collect();
