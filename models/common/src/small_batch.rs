@@ -1,12 +1,16 @@
 //! `x · Wᵀ` for a few rows of bf16 `x` against bf16 weights on the CPU (a
 //! VLM decoding one token at a time), where candle's bf16 gemm is slow.
 //!
-//! The weights stay bf16 as stored (`[out, in]`); the rows of `x` are widened
-//! to f32 once, and each output is the dot product of a weight row widened to
-//! f32 (a shift into the high half: exact) with f32 accumulation, the threads
-//! taking contiguous blocks of output features, rounded to bf16 (nearest
-//! even) at the end. Larger batches, other dtypes and devices keep candle's
-//! matmul.
+//! The weights stay bf16 as stored (`[out, in]`) and each output is a dot
+//! product of a weight row and a row of `x` with f32 accumulation, the
+//! threads taking contiguous blocks of output features, rounded to bf16
+//! (nearest even) at the end. Decoding reads every weight once per token, so
+//! the kernel is bound by memory bandwidth once it issues few enough
+//! instructions per weight: where the CPU has AVX512-BF16, `vdpbf16ps`
+//! multiplies 32 bf16 pairs exactly into f32 sums per instruction, `x` kept
+//! bf16 and four weight rows sharing each load of `x`; elsewhere the weights
+//! and `x` are widened to f32 (a shift into the high half: exact) for f32
+//! FMAs. Larger batches, other dtypes and devices keep candle's matmul.
 
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use half::bf16;
@@ -72,27 +76,16 @@ impl CustomOp2 for SmallBatchMatmul {
                 "small-batch matmul: {in_features} inputs against weights [{out_features}, {weight_in}]"
             );
         }
-        let x: Vec<f32> = contiguous(x, x_layout)?
-            .iter()
-            .map(|v| v.to_f32())
-            .collect();
-        let weight = contiguous(weight, weight_layout)?;
-        // Feature-major [out, rows], so each thread's block of features is contiguous.
-        let mut sums = vec![0f32; out_features * rows];
-        for_each_block(&mut sums, MIN_BLOCK, rows.max(1), |first, block| {
-            widest_simd(
-                #[inline(always)]
-                || {
-                    let features = block.chunks_mut(rows.max(1));
-                    for (feature, sums) in (first / rows.max(1)..).zip(features) {
-                        let w = &weight[feature * in_features..(feature + 1) * in_features];
-                        for (sum, x) in sums.iter_mut().zip(x.chunks_exact(in_features)) {
-                            *sum = dot(w, x);
-                        }
-                    }
-                },
-            )
-        });
+        let sums = products(
+            Kernel::detect(),
+            contiguous(weight, weight_layout)?,
+            contiguous(x, x_layout)?,
+            Dims {
+                rows,
+                in_features,
+                out_features,
+            },
+        );
         let out = (0..rows)
             .flat_map(|row| {
                 sums.iter()
@@ -103,6 +96,73 @@ impl CustomOp2 for SmallBatchMatmul {
             .collect();
         Ok((CpuStorage::BF16(out), Shape::from((rows, out_features))))
     }
+}
+
+/// The sizes of one product: `rows` of `x` against `out_features` weight rows
+/// of `in_features` each.
+#[derive(Debug, Clone, Copy)]
+struct Dims {
+    rows: usize,
+    in_features: usize,
+    out_features: usize,
+}
+
+/// How the dot products are computed on this CPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kernel {
+    /// `vdpbf16ps` on bf16 pairs (AVX512-BF16).
+    #[cfg(target_arch = "x86_64")]
+    Bf16Pairs,
+    /// Weights and `x` widened to f32, f32 FMAs in the widest vectors there are.
+    Widened,
+}
+
+impl Kernel {
+    fn detect() -> Self {
+        #[cfg(target_arch = "x86_64")]
+        if bf16_pairs::available() {
+            return Self::Bf16Pairs;
+        }
+        Self::Widened
+    }
+}
+
+/// `Σ w·x` of every weight row against every row of `x`, feature-major
+/// (`[out, rows]`), so that each thread's block of features is contiguous.
+fn products(kernel: Kernel, weight: &[bf16], x: &[bf16], dims: Dims) -> Vec<f32> {
+    let mut sums = vec![0f32; dims.out_features * dims.rows];
+    if dims.in_features == 0 || dims.rows == 0 {
+        return sums;
+    }
+    let rows = dims.rows;
+    match kernel {
+        #[cfg(target_arch = "x86_64")]
+        Kernel::Bf16Pairs => for_each_block(&mut sums, MIN_BLOCK, rows, |first, block| {
+            let features = first / rows..(first + block.len()) / rows;
+            let weight =
+                &weight[features.start * dims.in_features..features.end * dims.in_features];
+            // SAFETY: `Kernel::detect` chose this kernel because the CPU has its features.
+            unsafe { bf16_pairs::products(weight, x, dims.in_features, block) }
+        }),
+        Kernel::Widened => {
+            let x: Vec<f32> = x.iter().map(|v| v.to_f32()).collect();
+            for_each_block(&mut sums, MIN_BLOCK, rows, |first, block| {
+                widest_simd(
+                    #[inline(always)]
+                    || {
+                        let features = block.chunks_mut(rows);
+                        for (feature, sums) in (first / rows..).zip(features) {
+                            let w = &weight[feature * dims.in_features..][..dims.in_features];
+                            for (sum, x) in sums.iter_mut().zip(x.chunks_exact(dims.in_features)) {
+                                *sum = dot(w, x);
+                            }
+                        }
+                    },
+                )
+            });
+        }
+    }
+    sums
 }
 
 /// Independent accumulators: enough for the dot product's additions to
@@ -125,6 +185,114 @@ fn dot(w: &[bf16], x: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
+/// The AVX512-BF16 kernel: `vdpbf16ps` adds the two exact f32 products of a
+/// pair of bf16 lanes to an f32 lane, each addition rounded to nearest even
+/// as an FMA's is (denormals flushed to zero, far below bf16 weights'
+/// products).
+#[cfg(target_arch = "x86_64")]
+mod bf16_pairs {
+    use std::arch::x86_64::{
+        __m512, __m512bh, _MM_HINT_T1, _mm_prefetch, _mm512_dpbf16_ps, _mm512_maskz_loadu_epi16,
+        _mm512_reduce_add_ps, _mm512_setzero_ps,
+    };
+
+    use half::bf16;
+
+    /// bf16 lanes of a 512-bit vector.
+    const LANES: usize = 32;
+
+    /// Weight rows per pass over `x`: each vector of `x` is loaded once for
+    /// this many rows, and their accumulators cover `vdpbf16ps`'s latency.
+    const TILE: usize = 4;
+
+    pub(super) fn available() -> bool {
+        std::arch::is_x86_feature_detected!("avx512bf16")
+            && std::arch::is_x86_feature_detected!("avx512bw")
+    }
+
+    /// The dot products of the weight rows `weight` (`in_features` each)
+    /// against each row of `x`, into `sums` (`[weight rows, x rows]`).
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    pub(super) fn products(weight: &[bf16], x: &[bf16], in_features: usize, sums: &mut [f32]) {
+        let rows = x.len() / in_features;
+        let tiles = weight
+            .chunks(TILE * in_features)
+            .zip(sums.chunks_mut(TILE * rows));
+        for (weight, sums) in tiles {
+            if sums.len() == TILE * rows {
+                tile::<TILE>(weight, x, sums);
+            } else {
+                for (weight, sums) in weight.chunks(in_features).zip(sums.chunks_mut(rows)) {
+                    tile::<1>(weight, x, sums);
+                }
+            }
+        }
+    }
+
+    /// The products of `N` weight rows against every row of `x`, into
+    /// `sums` (`[N, x rows]`).
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    fn tile<const N: usize>(weight: &[bf16], x: &[bf16], sums: &mut [f32]) {
+        let in_features = weight.len() / N;
+        let rows = sums.len() / N;
+        let weight: [&[bf16]; N] =
+            std::array::from_fn(|n| &weight[n * in_features..(n + 1) * in_features]);
+        for (row, x) in x.chunks_exact(in_features).enumerate() {
+            for (n, sum) in dots(weight, x).into_iter().enumerate() {
+                sums[n * rows + row] = sum;
+            }
+        }
+    }
+
+    /// `Σ w·x` for each of the `N` rows `w` (as long as `x`).
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    fn dots<const N: usize>(w: [&[bf16]; N], x: &[bf16]) -> [f32; N] {
+        let mut acc: [__m512; N] = [_mm512_setzero_ps(); N];
+        let (x_vectors, x_tail) = x.as_chunks::<LANES>();
+        let w: [(&[[bf16; LANES]], &[bf16]); N] = w.map(|w| w.as_chunks::<LANES>());
+        // The next tile's rows follow these: `N` rows further on.
+        let next_tile = N * x.len();
+        for (i, x) in x_vectors.iter().enumerate() {
+            let x = load(x);
+            for (acc, (w, _)) in acc.iter_mut().zip(&w) {
+                prefetch(w[i].as_ptr().wrapping_add(next_tile));
+                *acc = _mm512_dpbf16_ps(*acc, load(&w[i]), x);
+            }
+        }
+        if !x_tail.is_empty() {
+            let x = load(x_tail);
+            for (acc, (_, w_tail)) in acc.iter_mut().zip(&w) {
+                *acc = _mm512_dpbf16_ps(*acc, load(w_tail), x);
+            }
+        }
+        acc.map(|acc| _mm512_reduce_add_ps(acc))
+    }
+
+    /// Asks for the cache line at `at` in L2 ahead of its use: [`dots`] asks
+    /// for the same place in the next tile's rows, which crosses the 4 KiB
+    /// pages (a row of 2048 weights) the hardware prefetcher stops at. A
+    /// prefetch past the weights' end is dropped without a fault.
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    fn prefetch(at: *const bf16) {
+        _mm_prefetch::<_MM_HINT_T1>(at.cast());
+    }
+
+    /// Up to [`LANES`] values in a vector, the lanes past them zero.
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    fn load(values: &[bf16]) -> __m512bh {
+        let mask = (1u64 << values.len().min(LANES)) - 1;
+        // SAFETY: the masked load reads only the lanes set in `mask`, the
+        // first `values.len()` (at most 64 bytes), all inside `values`; the
+        // 512 loaded bits are 32 bf16 lanes, which is what `__m512bh` holds.
+        unsafe {
+            std::mem::transmute(_mm512_maskz_loadu_epi16(
+                mask as u32,
+                values.as_ptr().cast(),
+            ))
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use candle_core::Device;
@@ -138,48 +306,89 @@ mod tests {
             .unwrap()
     }
 
-    /// Against the product of the same bf16 values in f64: within the bf16
-    /// rounding of the result (2⁻⁹ relative; 2⁻⁸ allowed) plus f32
-    /// accumulation in another order (`in`·2⁻²⁴ of `Σ|w·x|`).
+    /// Odd sizes: vector tails, one feature, a remainder after the last
+    /// full tile of features, features split over threads.
+    const SIZES: [(usize, usize, usize); 6] = [
+        (1, 1, 1),
+        (1, 17, 7),
+        (3, 70, 5),
+        (1, 33, 4099),
+        (MAX_ROWS, 517, 300),
+        (2, 1029, 2 * MIN_BLOCK + 1),
+    ];
+
+    /// `got` (`[rows, out]`) against `x · wᵀ` of the same bf16 values in
+    /// f64: within f32 accumulation in another order (`in`·2⁻²⁴ of
+    /// `Σ|w·x|`; every product of two bf16 is exact in f32) plus `rounding`
+    /// relative to the result.
+    fn assert_matches_f64(x: &Tensor, w: &Tensor, got: &Tensor, rounding: f64) {
+        let in_features = x.dim(1).unwrap();
+        let f64s = |t: &Tensor| t.to_dtype(DType::F64).unwrap();
+        let want = f64s(x).matmul(&f64s(w).t().unwrap()).unwrap();
+        let magnitude = f64s(x)
+            .abs()
+            .unwrap()
+            .matmul(&f64s(w).abs().unwrap().t().unwrap())
+            .unwrap();
+        assert_eq!(got.dims(), want.dims());
+        let (got, want, magnitude) = (
+            f64s(got).to_vec2::<f64>().unwrap(),
+            want.to_vec2::<f64>().unwrap(),
+            magnitude.to_vec2::<f64>().unwrap(),
+        );
+        for ((got, want), magnitude) in got
+            .iter()
+            .flatten()
+            .zip(want.iter().flatten())
+            .zip(magnitude.iter().flatten())
+        {
+            let tolerance = want.abs() * rounding + in_features as f64 * 2f64.powi(-24) * magnitude;
+            assert!(
+                (got - want).abs() <= tolerance,
+                "{:?} x {:?}: {got} vs {want}",
+                x.dims(),
+                w.dims()
+            );
+        }
+    }
+
+    /// The layer's bf16 result: the f32 sums rounded to bf16 (2⁻⁹ relative;
+    /// 2⁻⁸ allowed).
     #[test]
     fn matches_the_product_in_f64() {
-        // Odd sizes: vector tails, one feature, features split over threads.
-        for (rows, in_features, out_features) in [
-            (1, 1, 1),
-            (1, 17, 7),
-            (3, 70, 5),
-            (MAX_ROWS, 517, 300),
-            (2, 1029, 2 * MIN_BLOCK + 1),
-        ] {
+        for (rows, in_features, out_features) in SIZES {
             let x = random((rows, in_features), 1.0);
             let w = random((out_features, in_features), 0.05);
             assert!(applies(&x, &w));
             let got = matmul_t(&x, &w).unwrap();
-            assert_eq!(got.dims(), [rows, out_features]);
-            let f64s = |t: &Tensor| t.to_dtype(DType::F64).unwrap();
-            let want = f64s(&x).matmul(&f64s(&w).t().unwrap()).unwrap();
-            let magnitude = f64s(&x)
-                .abs()
-                .unwrap()
-                .matmul(&f64s(&w).abs().unwrap().t().unwrap())
-                .unwrap();
-            let (got, want, magnitude) = (
-                f64s(&got).to_vec2::<f64>().unwrap(),
-                want.to_vec2::<f64>().unwrap(),
-                magnitude.to_vec2::<f64>().unwrap(),
-            );
-            for ((got, want), magnitude) in got
-                .iter()
-                .flatten()
-                .zip(want.iter().flatten())
-                .zip(magnitude.iter().flatten())
-            {
-                let tolerance =
-                    want.abs() / 256.0 + in_features as f64 * 2f64.powi(-24) * magnitude;
-                assert!(
-                    (got - want).abs() <= tolerance,
-                    "{rows}x{in_features}x{out_features}: {got} vs {want}"
-                );
+            assert_matches_f64(&x, &w, &got, 1.0 / 256.0);
+        }
+    }
+
+    /// Each kernel this CPU can run, on its f32 sums before the rounding.
+    #[test]
+    fn every_kernel_matches_the_product_in_f64() {
+        let mut kernels = vec![Kernel::Widened];
+        #[cfg(target_arch = "x86_64")]
+        if bf16_pairs::available() {
+            kernels.push(Kernel::Bf16Pairs);
+        }
+        for kernel in kernels {
+            for (rows, in_features, out_features) in SIZES {
+                let x = random((rows, in_features), 1.0);
+                let w = random((out_features, in_features), 0.05);
+                let as_vec = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<bf16>().unwrap();
+                let dims = Dims {
+                    rows,
+                    in_features,
+                    out_features,
+                };
+                let sums = products(kernel, &as_vec(&w), &as_vec(&x), dims);
+                let got = Tensor::from_vec(sums, (out_features, rows), &Device::Cpu)
+                    .unwrap()
+                    .t()
+                    .unwrap();
+                assert_matches_f64(&x, &w, &got, 0.0);
             }
         }
     }
