@@ -9,6 +9,7 @@
 //! with the path they concern, so a broken checkpoint is one readable error.
 
 pub mod activation;
+pub mod bias_gemm;
 pub mod checkpoint;
 pub mod device;
 pub mod fuzzing;
@@ -16,6 +17,7 @@ pub mod nn;
 pub mod parallel;
 pub mod pil;
 pub mod random;
+pub mod rows;
 pub mod safetensors;
 pub mod small_batch;
 mod tiled_attention;
