@@ -12,6 +12,7 @@
 //! also knows the weights adopted from mapped checkpoint files (`mapped.rs`).
 
 pub mod activation;
+pub mod bias_gemm;
 pub mod checkpoint;
 pub mod device;
 pub mod fuzzing;
@@ -20,6 +21,7 @@ pub mod nn;
 pub mod parallel;
 pub mod pil;
 pub mod random;
+pub mod rows;
 pub mod safetensors;
 pub mod small_batch;
 mod tiled_attention;

@@ -6,14 +6,15 @@
 use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
-use crate::small_batch;
 use crate::tiled_attention;
+use crate::{bias_gemm, rows, small_batch};
 
 /// A linear layer as transformers and diffusers save it (`weight` `[out, in]`,
 /// optional `bias` `[out]`): candle's, except that a few rows of bf16 on the
 /// CPU (a VLM decoding a token) run [`small_batch`]'s kernel, where candle's
-/// bf16 gemm is several times slower than PyTorch. Every model builds its
-/// linear layers from here.
+/// bf16 gemm is several times slower than PyTorch, and f32 with a bias on the
+/// CPU runs [`bias_gemm`] (the bias added within the product, not in a second
+/// pass). Every model builds its linear layers from here.
 #[derive(Debug, Clone)]
 pub struct Linear(candle_nn::Linear);
 
@@ -26,6 +27,11 @@ impl Linear {
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let weight = self.0.weight();
+        if let Some(bias) = self.0.bias()
+            && bias_gemm::applies(x, weight, bias)
+        {
+            return bias_gemm::linear(x, weight, bias);
+        }
         if !small_batch::applies(x, weight) {
             return self.0.forward(x);
         }
@@ -63,7 +69,8 @@ enum Axis {
 /// The statistics are computed in f32 and the normalised values cast back to
 /// the input's dtype before the weight (in the input's dtype) is applied, as
 /// transformers' Qwen2RMSNorm and T5LayerNorm and torch's RMSNorm in
-/// diffusers' Wan attention do.
+/// diffusers' Wan attention do. Over the last axis of contiguous f32 CPU
+/// inputs it runs as one pass ([`rows::rms_norm`]).
 #[derive(Debug, Clone)]
 pub struct RmsNorm {
     /// Shaped to broadcast against the input.
@@ -94,6 +101,9 @@ impl RmsNorm {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if self.axis == Axis::Last && rows::applies(x) && self.weight.dtype() == DType::F32 {
+            return rows::rms_norm(x, &self.weight, self.eps);
+        }
         let dtype = x.dtype();
         let axis = match self.axis {
             Axis::Last => x.rank().saturating_sub(1),

@@ -1,7 +1,8 @@
-//! What the CPU kernels of `activation`, `small_batch` and the Wan VAE's norm share: contiguous
-//! blocks of an output slice spread over the threads (one block per thread
-//! keeps each thread on its own cache lines and costs one spawn per thread
-//! per call), and the widest vector instructions the CPU has.
+//! What the CPU kernels of `activation`, `small_batch`, `rows`, `bias_gemm`
+//! and the Wan VAE's norm share: contiguous blocks of an output slice spread
+//! over the threads (one block per thread keeps each thread on its own cache
+//! lines and costs one spawn per thread per call), the widest vector
+//! instructions the CPU has, and the elements of a CPU tensor.
 
 /// Runs `work(first, block)` over `out` split into contiguous blocks, one per
 /// thread (candle's thread count, which follows `RAYON_NUM_THREADS`), each of
@@ -31,6 +32,22 @@ pub fn for_each_block<T: Send>(
             }
         }
     });
+}
+
+/// Runs `f` on the elements of a contiguous f32 CPU tensor (the kernels'
+/// view of candle's storage, without a copy).
+pub(crate) fn f32_slice<R>(
+    t: &candle_core::Tensor,
+    f: impl FnOnce(&[f32]) -> R,
+) -> candle_core::Result<R> {
+    let (storage, layout) = t.storage_and_layout();
+    let candle_core::Storage::Cpu(cpu) = &*storage else {
+        candle_core::bail!("a CPU tensor expected");
+    };
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        candle_core::bail!("a contiguous tensor expected");
+    };
+    Ok(f(&cpu.as_slice::<f32>()?[start..end]))
 }
 
 /// Runs `kernel` compiled for AVX2 where the CPU has it (8 f32 lanes; the

@@ -13,6 +13,7 @@ use candle_core::{D, DType, Device, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 use kubewan_model_common::activation::{gelu_erf, gelu_tanh, silu};
 use kubewan_model_common::nn::{Linear, Mask, RmsNorm, attention, linear};
+use kubewan_model_common::rows;
 use serde::{Deserialize, Serialize};
 
 use crate::checkpoint;
@@ -115,9 +116,12 @@ impl F32LayerNorm {
         Ok(Self { weight, bias, eps })
     }
 
-    /// Returns f32.
+    /// Returns f32. Contiguous CPU inputs run as one pass ([`rows::layer_norm`]).
     pub(crate) fn forward_f32(&self, x: &Tensor) -> Result<Tensor> {
         let x = x.to_dtype(DType::F32)?;
+        if rows::applies(&x) {
+            return rows::layer_norm(&x, self.weight.as_ref(), self.bias.as_ref(), self.eps);
+        }
         let mean = x.mean_keepdim(D::Minus1)?;
         let xc = x.broadcast_sub(&mean)?;
         let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
@@ -130,6 +134,29 @@ impl F32LayerNorm {
         }
         Ok(y)
     }
+
+    /// `norm(x) · (1 + scale) + shift` in f32 (the blocks' adaLN modulation;
+    /// `scale` and `shift` `[B, 1, dim]`), in one pass on the CPU for a norm
+    /// without affine parameters.
+    fn modulated(&self, x: &Tensor, scale: &Tensor, shift: &Tensor) -> Result<Tensor> {
+        let x = x.to_dtype(DType::F32)?;
+        let scale = (scale + 1.0)?;
+        if self.weight.is_none() && self.bias.is_none() && rows::applies(&x) {
+            return rows::layer_norm(&x, Some(&scale), Some(shift), self.eps);
+        }
+        self.forward_f32(&x)?
+            .broadcast_mul(&scale)?
+            .broadcast_add(shift)
+    }
+}
+
+/// `x + update · gate` in f32 (`gate` `[B, 1, dim]`), in one pass on the CPU.
+fn gated_residual(x: &Tensor, update: &Tensor, gate: &Tensor) -> Result<Tensor> {
+    let update = update.to_dtype(DType::F32)?;
+    if rows::applies(x) && rows::applies(&update) {
+        return rows::residual(x, &update, Some(gate));
+    }
+    x + update.broadcast_mul(gate)?
 }
 
 #[derive(Debug, Clone)]
@@ -216,7 +243,7 @@ impl WanAttention {
             q = rot(&q)?;
             k = rot(&k)?;
         }
-        let mut out = self.merge(&attention(&q, &k, &v, Mask::None, self.scale)?)?;
+        let mut out = attention(&q, &k, &v, Mask::None, self.scale)?;
         if let (Some(img), Some(akp), Some(avp), Some(nak)) = (
             context_img,
             &self.add_k_proj,
@@ -225,10 +252,10 @@ impl WanAttention {
         ) {
             let ki = self.heads(&nak.forward(&akp.forward(img)?)?)?;
             let vi = self.heads(&avp.forward(img)?)?;
-            let oi = self.merge(&attention(&q, &ki, &vi, Mask::None, self.scale)?)?;
-            out = (out + oi)?;
+            // Summed per head, before the one copy that merges the heads.
+            out = (out + attention(&q, &ki, &vi, Mask::None, self.scale)?)?;
         }
-        self.to_out.forward(&out)
+        self.to_out.forward(&self.merge(&out)?)
     }
 }
 
@@ -307,12 +334,10 @@ impl Block {
         let xf = x.to_dtype(DType::F32)?;
         let h = self
             .norm1
-            .forward_f32(&xf)?
-            .broadcast_mul(&(scale_msa + 1.0)?)?
-            .broadcast_add(&shift_msa)?
+            .modulated(&xf, &scale_msa, &shift_msa)?
             .to_dtype(dtype)?;
         let a = self.attn1.forward(&h, None, None, Some(rope))?;
-        let x = (xf + a.to_dtype(DType::F32)?.broadcast_mul(&gate_msa)?)?.to_dtype(dtype)?;
+        let x = gated_residual(&xf, &a, &gate_msa)?.to_dtype(dtype)?;
 
         let h = match &self.norm2 {
             Some(n) => n.forward_f32(&x)?.to_dtype(dtype)?,
@@ -324,12 +349,10 @@ impl Block {
         let xf = x.to_dtype(DType::F32)?;
         let h = self
             .norm3
-            .forward_f32(&xf)?
-            .broadcast_mul(&(c_scale + 1.0)?)?
-            .broadcast_add(&c_shift)?
+            .modulated(&xf, &c_scale, &c_shift)?
             .to_dtype(dtype)?;
         let f = self.ffn.forward(&h)?;
-        (xf + f.to_dtype(DType::F32)?.broadcast_mul(&c_gate)?)?.to_dtype(dtype)
+        gated_residual(&xf, &f, &c_gate)?.to_dtype(dtype)
     }
 }
 
@@ -656,9 +679,7 @@ impl WanTransformer {
         let scale = mods.narrow(1, 1, 1)?;
         let x = self
             .norm_out
-            .forward_f32(&x)?
-            .broadcast_mul(&(scale + 1.0)?)?
-            .broadcast_add(&shift)?
+            .modulated(&x, &scale, &shift)?
             .to_dtype(self.dtype)?;
         let x = self.proj_out.forward(&x)?;
         let co = cfg.out_channels();
