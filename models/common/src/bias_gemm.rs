@@ -7,7 +7,7 @@
 
 use candle_core::{DType, Device, Result, Tensor};
 
-use crate::parallel::{f32_slice, for_each_block};
+use crate::parallel::{f32_slice, for_each_block, gemm_parallelism};
 
 /// Output elements below which the bias rows are written on one thread.
 const MIN_BLOCK: usize = 1 << 15;
@@ -52,12 +52,7 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
 /// `out[m, n] += x[m, k] · w[n, k]ᵀ`, all row-major.
 fn accumulate(out: &mut [f32], x: &[f32], w: &[f32], m: usize, n: usize, k: usize) {
     assert!(out.len() == m * n && x.len() == m * k && w.len() == n * k);
-    let threads = candle_core::utils::get_num_threads();
-    let parallelism = if threads > 1 {
-        gemm::Parallelism::Rayon(threads)
-    } else {
-        gemm::Parallelism::None
-    };
+    let parallelism = gemm_parallelism();
     // SAFETY: the assert above sizes every slice for the strides given: out is [m, n] (row
     // stride n), x is [m, k] (row stride k), and wᵀ is read as [k, n] with column stride k.
     unsafe {

@@ -2,7 +2,8 @@
 //! and the Wan VAE's norm share: contiguous blocks of an output slice spread
 //! over the threads (one block per thread keeps each thread on its own cache
 //! lines and costs one spawn per thread per call), the widest vector
-//! instructions the CPU has, and the elements of a CPU tensor.
+//! instructions the CPU has, the elements of a CPU tensor, and the threads
+//! `gemm` runs on.
 
 /// Runs `work(first, block)` over `out` split into contiguous blocks, one per
 /// thread (candle's thread count, which follows `RAYON_NUM_THREADS`), each of
@@ -32,6 +33,15 @@ pub fn for_each_block<T: Send>(
             }
         }
     });
+}
+
+/// `gemm`'s parallelism for kernels that call it directly: candle's thread
+/// count (so `RAYON_NUM_THREADS` holds for them as for candle's matmuls).
+pub fn gemm_parallelism() -> gemm::Parallelism {
+    match candle_core::utils::get_num_threads() {
+        threads if threads > 1 => gemm::Parallelism::Rayon(threads),
+        _ => gemm::Parallelism::None,
+    }
 }
 
 /// Runs `f` on the elements of a contiguous f32 CPU tensor (the kernels'

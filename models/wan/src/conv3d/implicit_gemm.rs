@@ -18,6 +18,7 @@
 //! left out of the GEMM (`K` shrinks), which is exact.
 
 use candle_core::{Device, Result, Storage, Tensor};
+use kubewan_model_common::parallel::gemm_parallelism;
 
 /// Convolution weights regrouped per spatial tap: `[kh·kw][C_out][kt][C_in]`.
 #[derive(Debug, Clone)]
@@ -150,12 +151,7 @@ impl TapMajorWeights {
         assert!(lhs.len() > (self.c_out - 1) * k_row + k - 1);
         assert!(rhs.len() > (k - 1) * plane + cols - 1);
         assert_eq!(acc.len(), self.c_out * cols);
-        let threads = candle_core::utils::get_num_threads();
-        let parallelism = if threads > 1 {
-            gemm::Parallelism::Rayon(threads)
-        } else {
-            gemm::Parallelism::None
-        };
+        let parallelism = gemm_parallelism();
         // SAFETY: the asserts above keep every read of lhs ([C_out, k] at row stride k_row) and
         // rhs ([k, cols] at row stride plane) and every write of acc ([C_out, cols]) in bounds.
         unsafe {
