@@ -83,14 +83,12 @@ fn heads_fit(q: &[usize], kv: &[usize]) -> bool {
 /// busy worker the transposed query and output blocks, one panel's scores,
 /// widened key and value tiles, the per-query statistics and an output row.
 pub(crate) fn scratch_elems(rows: usize, queries: usize, keys: usize, head_dim: usize) -> usize {
-    // Without the group size, as if each head had its own keys: the lanes
-    // of a task are at most as many.
-    let block = block_queries(queries, 1);
-    let (lanes, width) = (
-        block.min(queries).next_multiple_of(LANES),
-        KEY_TILE.min(keys),
-    );
-    let tasks = rows * queries.div_ceil(block);
+    // Bounds whatever the group size: a task holds at most QUERY_TILE lanes
+    // and the queries of at most all the rows, and no more tasks run than
+    // if every head had its own keys.
+    let lanes = QUERY_TILE.min(queries * rows).next_multiple_of(LANES);
+    let width = KEY_TILE.min(keys);
+    let tasks = rows * queries.div_ceil(block_queries(queries, 1));
     let per_worker = 2 * lanes * head_dim
         + width * PANEL.min(lanes)
         + 2 * width * head_dim
@@ -100,13 +98,19 @@ pub(crate) fn scratch_elems(rows: usize, queries: usize, keys: usize, head_dim: 
 }
 
 /// Queries per task with `group` heads in its lanes: the query axis split
-/// into equal blocks of at most [`QUERY_TILE`] lanes (whole panels), so no
-/// task is a short remainder.
+/// into equal blocks of at most [`QUERY_TILE`] lanes (for groups of up to
+/// that many heads), so no task is a short remainder; whole panels of lanes
+/// where they fit in a block.
 fn block_queries(queries: usize, group: usize) -> usize {
-    let blocks = (queries * group).div_ceil(QUERY_TILE).max(1);
-    queries
-        .div_ceil(blocks)
-        .next_multiple_of(PANEL / gcd(PANEL, group))
+    // The fewest queries whose lanes fill whole panels (7 heads: 48 queries,
+    // too many: then any number).
+    let unit = Some(PANEL / gcd(PANEL, group))
+        .filter(|unit| unit * group <= QUERY_TILE)
+        .unwrap_or(1);
+    let units = queries.div_ceil(unit).max(1);
+    let units_per_block = (QUERY_TILE / (unit * group)).max(1);
+    let blocks = units.div_ceil(units_per_block);
+    units.div_ceil(blocks) * unit
 }
 
 fn gcd(a: usize, b: usize) -> usize {
@@ -323,7 +327,7 @@ struct Scratch {
 }
 
 /// The online softmax over the key tiles for one block of queries, written
-/// to `out`, compiled for the widest vector unit the CPU has (the crate is
+/// to its heads' `out` blocks, compiled for the widest vector unit the CPU has (the crate is
 /// built for baseline x86-64, whose 4-lane SSE2 would leave most of an
 /// AVX-512 unit idle).
 fn attend_tile<T: Element>(
@@ -860,6 +864,16 @@ mod tests {
         for mask in [Mask::None, Mask::Causal] {
             assert!(relative_gap(&q, &k, &v, mask) < 1e-5);
         }
+        // A decoding step and a short causal chunk past a KV cache: the
+        // group's heads share the lanes, the mask hides a prefix of them.
+        for queries in [1, 3] {
+            let q = randn((1, 8, queries, 32));
+            assert!(relative_gap(&q, &k, &v, Mask::Causal) < 1e-5);
+        }
+        // Seven heads a group (lanes that do not fill whole panels).
+        let q7 = randn((1, 14, 65, 16));
+        let (k7, v7) = (randn((1, 2, 300, 16)), randn((1, 2, 300, 16)));
+        assert!(relative_gap(&q7, &k7, &v7, Mask::Causal) < 1e-5);
         // [H, L, D] without a batch axis, and [L, D].
         let q3 = randn((4, 70, 8));
         let (k3, v3) = (randn((2, 90, 8)), randn((2, 90, 8)));
@@ -917,6 +931,20 @@ mod tests {
             scratch_elems(1, 1, 5, 8),
             2 * 16 * 8 + 5 * 16 + 2 * 5 * 8 + 2 * 16 + 8
         );
+    }
+
+    #[test]
+    fn query_blocks_are_whole_panels_of_at_most_a_query_tile() {
+        for group in [1, 2, 3, 7, 8, 16] {
+            for queries in [1, 5, 47, 48, 239, 240, 241, 780, 3120, 4001] {
+                let block = block_queries(queries, group);
+                assert!(block * group <= QUERY_TILE, "{queries} x {group}");
+                let whole_panels = (block * group).is_multiple_of(PANEL);
+                assert!(whole_panels || group == 7, "{queries} x {group}");
+            }
+        }
+        // 3120 tokens: 13 blocks of 240, none short.
+        assert_eq!(block_queries(3120, 1), 240);
     }
 
     #[test]
