@@ -6,8 +6,16 @@
 //! `l` rescale the f32 output accumulator `O` whenever the maximum grows, and
 //! `O += exp(S − m)·V`; at the end `O / l` is the softmax-weighted sum. Memory
 //! is a few tiles per worker instead of `L_q × L_k` scores, so it grows
-//! linearly with the tokens, and the products run as `gemm`'s kernels (the
-//! ones candle's CPU matmul uses) on tiles that stay in the cache.
+//! linearly with the tokens.
+//!
+//! The tiles are laid out transposed, queries across the lanes of a vector
+//! register: `Sᵀ = K·(scale·Q)ᵀ` and `Oᵀ += Vᵀ·exp(Sᵀ − m)` are then both one
+//! product shape whose left operand is read element by element straight from
+//! the row-major keys and values (broadcast across the lanes), so no key or
+//! value tile is ever repacked (the general gemm repacked both operands of
+//! every tile product: a quarter of the time), and the softmax's per-query
+//! statistics are plain lane-wise vector operations. Only the queries are
+//! transposed, once per block.
 //!
 //! Everything runs in f32: bf16 and f16 tiles are widened as they are read and
 //! the output narrowed once per block, so half-precision inputs lose nothing
@@ -20,11 +28,22 @@ use rayon::prelude::*;
 
 use crate::nn::Mask;
 
-/// Queries per tile: enough rows that a key tile, once loaded, is reused
-/// across many queries, few enough that the tiles of one worker stay in L2.
-const QUERY_TILE: usize = 64;
-/// Keys per tile.
-const KEY_TILE: usize = 256;
+/// f32 lanes of the widest vector register (AVX-512).
+const LANES: usize = 16;
+/// Vectors of queries in a panel.
+const PANEL_VECTORS: usize = 3;
+/// Queries in a panel, the unit the products work on: a block of
+/// [`BLOCK_ROWS`] × `PANEL` accumulators takes 24 of AVX-512's 32 registers,
+/// leaving room for a panel row and a broadcast.
+const PANEL: usize = PANEL_VECTORS * LANES;
+/// Rows of a product's register block.
+const BLOCK_ROWS: usize = 8;
+/// Most queries per task: the panels that share a key and value tile while
+/// it sits in L2 (and 13 equal blocks of 3120 tokens).
+const QUERY_TILE: usize = 5 * PANEL;
+/// Keys per tile: one panel's scores (`KEY_TILE × PANEL`) stay in L1 while
+/// the values' product reads them once per block of output rows.
+const KEY_TILE: usize = 128;
 
 /// Whether [`tiled_attention`] computes `attention(q, k, v, mask)`: CPU
 /// tensors of one float dtype, no additive mask, `[.., L, D]` queries and
@@ -61,13 +80,41 @@ fn heads_fit(q: &[usize], kv: &[usize]) -> bool {
 
 /// f32 elements [`tiled_attention`] holds besides its inputs and output for
 /// `rows` (batch × heads) of `queries` attending to `keys` of `head_dim`: per
-/// busy worker the score tile, the output accumulator, widened q/k/v tiles
-/// and the row statistics.
+/// busy worker the transposed query and output blocks, one panel's scores,
+/// widened key and value tiles, the per-query statistics and an output row.
 pub(crate) fn scratch_elems(rows: usize, queries: usize, keys: usize, head_dim: usize) -> usize {
-    let (n, width) = (QUERY_TILE.min(queries), KEY_TILE.min(keys));
-    let tasks = rows * queries.div_ceil(QUERY_TILE);
-    let per_worker = n * width + 2 * n * head_dim + 2 * width * head_dim + 2 * n;
+    // Bounds whatever the group size: a task holds at most QUERY_TILE lanes
+    // and the queries of at most all the rows, and no more tasks run than
+    // if every head had its own keys.
+    let lanes = QUERY_TILE.min(queries * rows).next_multiple_of(LANES);
+    let width = KEY_TILE.min(keys);
+    let tasks = rows * queries.div_ceil(block_queries(queries, 1));
+    let per_worker = 2 * lanes * head_dim
+        + width * PANEL.min(lanes)
+        + 2 * width * head_dim
+        + 2 * lanes
+        + head_dim;
     workers().min(tasks) * per_worker
+}
+
+/// Queries per task with `group` heads in its lanes: the query axis split
+/// into equal blocks of at most [`QUERY_TILE`] lanes (for groups of up to
+/// that many heads), so no task is a short remainder; whole panels of lanes
+/// where they fit in a block.
+fn block_queries(queries: usize, group: usize) -> usize {
+    // The fewest queries whose lanes fill whole panels (7 heads: 48 queries,
+    // too many: then any number).
+    let unit = Some(PANEL / gcd(PANEL, group))
+        .filter(|unit| unit * group <= QUERY_TILE)
+        .unwrap_or(1);
+    let units = queries.div_ceil(unit).max(1);
+    let units_per_block = (QUERY_TILE / (unit * group)).max(1);
+    let blocks = units.div_ceil(units_per_block);
+    units.div_ceil(blocks) * unit
+}
+
+fn gcd(a: usize, b: usize) -> usize {
+    if b == 0 { a } else { gcd(b, a % b) }
 }
 
 /// Workers [`tiled_attention`] runs on: candle's CPU thread count, which
@@ -210,238 +257,312 @@ fn attend_slices<T: Element>(shape: &Shape, q: &[T], k: &[T], v: &[T], scale: f3
     }
     let per_row = shape.queries * d;
     let per_kv_row = shape.keys * d;
-    // One task per (row, query tile); rayon's pool (already running for
-    // candle) rather than spawned threads, since a decoding step attends with
-    // a single query many times a second and cannot pay for thread starts.
-    let tasks: Vec<(usize, usize, &mut [T])> = out
-        .chunks_mut(per_row)
-        .enumerate()
-        .flat_map(|(row, o)| {
-            o.chunks_mut(QUERY_TILE * d)
-                .enumerate()
-                .map(move |(tile, o)| (row, tile * QUERY_TILE, o))
-        })
-        .collect();
+    let block = block_queries(shape.queries, shape.group);
+    // One task per (k/v row, query block) with the block's queries of every
+    // head in the group; rayon's pool (already running for candle) rather
+    // than spawned threads, since a decoding step attends with a single
+    // query many times a second and cannot pay for thread starts.
+    let mut tasks = Vec::new();
+    for (kv_row, heads) in out.chunks_mut(shape.group * per_row).enumerate() {
+        let mut blocks: Vec<_> = heads
+            .chunks_mut(per_row)
+            .map(|o| o.chunks_mut(block * d))
+            .collect();
+        for first in (0..shape.queries).step_by(block) {
+            let outs: Vec<&mut [T]> = blocks.iter_mut().filter_map(Iterator::next).collect();
+            tasks.push((kv_row, first, outs));
+        }
+    }
     tasks
         .into_par_iter()
-        .for_each_init(Scratch::default, |scratch, (row, first, o)| {
-            let kv_row = row / shape.group;
+        .for_each_init(Scratch::default, |scratch, (kv_row, first, mut outs)| {
+            let n = outs[0].len() / d;
             let tile = QueryTile {
                 first,
-                q: &q[row * per_row + first * d..][..o.len()],
+                n,
+                q: &q[kv_row * shape.group * per_row..][..shape.group * per_row],
                 k: &k[kv_row * per_kv_row..][..per_kv_row],
                 v: &v[kv_row * per_kv_row..][..per_kv_row],
             };
-            attend_tile(shape, &tile, scale, scratch, o);
+            attend_tile(shape, &tile, scale, scratch, &mut outs);
         });
     out
 }
 
-/// One block of queries of one row and the keys and values it attends to.
+/// One block of queries of the heads of one k/v row, and the keys and values
+/// they attend to. Lane `l` of the block holds query `first + l / group` of
+/// head `l % group`: the heads sharing keys share the key and value tiles,
+/// and a causal mask still hides a prefix of the lanes.
 struct QueryTile<'a, T> {
     /// Index of the block's first query.
     first: usize,
-    /// `[n, D]`.
+    /// Queries in the block.
+    n: usize,
+    /// The group's queries, `[group, L_q, D]`.
     q: &'a [T],
     /// `[L_k, D]`.
     k: &'a [T],
     v: &'a [T],
 }
 
-/// A worker's buffers, reused across its tasks.
+/// A worker's buffers, reused across its tasks. The query-lane matrices are
+/// stored panel after panel (`[D][panel width]` each), so that a panel's
+/// rows lie together in the cache.
 #[derive(Default)]
 struct Scratch {
-    rows: RowState,
-    /// Widened tiles (unused for f32).
-    q: Vec<f32>,
-    k: Vec<f32>,
-    v: Vec<f32>,
-}
-
-/// The online softmax's state for the rows of one query tile.
-#[derive(Default)]
-struct RowState {
-    /// The current score tile, then its weights.
-    scores: Vec<f32>,
-    /// The unnormalised output.
-    acc: Vec<f32>,
+    /// `scale·Qᵀ`, zero in the lanes past the block's queries.
+    queries: Vec<f32>,
+    /// The unnormalised `Oᵀ`.
+    outputs: Vec<f32>,
+    /// Per query: the running maximum score and sum of weights.
     row_max: Vec<f32>,
     row_sum: Vec<f32>,
+    /// One panel's key tile of scores `[keys][panel width]`, then weights.
+    scores: Vec<f32>,
+    /// Widened key and value tiles (unused for f32).
+    k: Vec<f32>,
+    v: Vec<f32>,
+    /// One output row before narrowing.
+    row: Vec<f32>,
 }
 
-/// The online softmax over the key tiles for one query tile, written to `out`.
+/// The online softmax over the key tiles for one block of queries, written
+/// to its heads' `out` blocks, compiled for the widest vector unit the CPU has (the crate is
+/// built for baseline x86-64, whose 4-lane SSE2 would leave most of an
+/// AVX-512 unit idle).
 fn attend_tile<T: Element>(
     shape: &Shape,
     tile: &QueryTile<T>,
     scale: f32,
     s: &mut Scratch,
-    out: &mut [T],
+    out: &mut [&mut [T]],
 ) {
-    let d = shape.head_dim;
-    let n = tile.q.len() / d;
-    let q = T::widen(tile.q, &mut s.q);
-    s.rows.acc.clear();
-    s.rows.acc.resize(n * d, 0.0);
-    s.rows.row_max.clear();
-    s.rows.row_max.resize(n, f32::NEG_INFINITY);
-    s.rows.row_sum.clear();
-    s.rows.row_sum.resize(n, 0.0);
-    // Causal: keys past the last query's horizon are masked for the whole tile.
-    let keys = shape.visible_keys(tile.first + n - 1);
-    for first_key in (0..keys).step_by(KEY_TILE) {
-        let width = KEY_TILE.min(keys - first_key);
-        let kv = first_key * d..(first_key + width) * d;
-        let k = T::widen(&tile.k[kv.clone()], &mut s.k);
-        s.rows.scores.resize(n * width, 0.0);
-        // S = scale·Q·Kᵀ: [n, D] × [D, width] with K's rows as Kᵀ's columns.
-        matmul(
-            &mut s.rows.scores,
-            Operand::rows(q, d),
-            Operand::cols(k, d),
-            (n, width, d),
-            scale,
-            false,
-        );
-        let rows = ScoreRows {
-            first_query: tile.first,
-            first_key,
-            width,
-        };
-        online_softmax(shape, &rows, &mut s.rows);
-        // O += P·V: [n, width] × [width, D].
-        let v = T::widen(&tile.v[kv], &mut s.v);
-        matmul(
-            &mut s.rows.acc,
-            Operand::rows(&s.rows.scores, width),
-            Operand::rows(v, d),
-            (n, d, width),
-            1.0,
-            true,
-        );
-    }
-    for (i, acc) in s.rows.acc.chunks_exact_mut(d).enumerate() {
-        let inv = 1.0 / s.rows.row_sum[i];
-        acc.iter_mut().for_each(|o| *o *= inv);
-    }
-    T::narrow(&s.rows.acc, out);
-}
-
-/// Where a tile of scores lies in the attention matrix.
-struct ScoreRows {
-    first_query: usize,
-    first_key: usize,
-    /// Keys in the tile (the scores' row length).
-    width: usize,
-}
-
-/// One step of the online softmax for every row of the score tile in
-/// `s.scores`, compiled for the widest vector unit the CPU has: the
-/// exponentials cost as much as the tile products otherwise (the crate is
-/// built for baseline x86-64, whose 4-lane SSE2 leaves most of an AVX-512
-/// unit idle).
-fn online_softmax(shape: &Shape, rows: &ScoreRows, s: &mut RowState) {
     #[cfg(target_arch = "x86_64")]
     {
         if is_x86_feature_detected!("avx512f") {
             // SAFETY: the CPU has AVX-512F, the one feature the function enables.
-            return unsafe { online_softmax_avx512(shape, rows, s) };
+            return unsafe { attend_tile_avx512(shape, tile, scale, s, out) };
         }
-        if is_x86_feature_detected!("avx2") {
-            // SAFETY: the CPU has AVX2, the one feature the function enables.
-            return unsafe { online_softmax_avx2(shape, rows, s) };
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            // SAFETY: the CPU has AVX2 and FMA, the features the function enables.
+            return unsafe { attend_tile_avx2(shape, tile, scale, s, out) };
         }
+        // Baseline x86-64 has no fused multiply-add: `mul_add` would be a
+        // library call per element.
+        attend_tile_with::<T, false>(shape, tile, scale, s, out)
     }
-    online_softmax_rows(shape, rows, s);
+    #[cfg(not(target_arch = "x86_64"))]
+    attend_tile_with::<T, true>(shape, tile, scale, s, out)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-fn online_softmax_avx512(shape: &Shape, rows: &ScoreRows, s: &mut RowState) {
-    online_softmax_rows(shape, rows, s);
+fn attend_tile_avx512<T: Element>(
+    shape: &Shape,
+    tile: &QueryTile<T>,
+    scale: f32,
+    s: &mut Scratch,
+    out: &mut [&mut [T]],
+) {
+    attend_tile_with::<T, true>(shape, tile, scale, s, out);
 }
 
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-fn online_softmax_avx2(shape: &Shape, rows: &ScoreRows, s: &mut RowState) {
-    online_softmax_rows(shape, rows, s);
+#[target_feature(enable = "avx2,fma")]
+fn attend_tile_avx2<T: Element>(
+    shape: &Shape,
+    tile: &QueryTile<T>,
+    scale: f32,
+    s: &mut Scratch,
+    out: &mut [&mut [T]],
+) {
+    attend_tile_with::<T, true>(shape, tile, scale, s, out);
 }
 
-/// [`online_softmax`]'s body, inlined into each feature-specific copy.
+/// [`attend_tile`]'s body, inlined into each feature-specific copy; `FMA`:
+/// whether products fuse their multiply-adds.
 #[inline(always)]
-fn online_softmax_rows(shape: &Shape, rows: &ScoreRows, s: &mut RowState) {
-    let d = shape.head_dim;
-    let scores = s.scores.chunks_exact_mut(rows.width);
-    let outputs = s.acc.chunks_exact_mut(d);
-    let stats = s.row_max.iter_mut().zip(s.row_sum.iter_mut());
-    for (i, ((scores, out), (max, sum))) in scores.zip(outputs).zip(stats).enumerate() {
-        let visible = shape.visible_keys(rows.first_query + i);
-        let visible = visible.saturating_sub(rows.first_key).min(rows.width);
-        let rescale = softmax_step(scores, visible, max, sum);
-        if rescale != 1.0 {
-            out.iter_mut().for_each(|o| *o *= rescale);
+fn attend_tile_with<T: Element, const FMA: bool>(
+    shape: &Shape,
+    tile: &QueryTile<T>,
+    scale: f32,
+    s: &mut Scratch,
+    out: &mut [&mut [T]],
+) {
+    let (d, n, group) = (shape.head_dim, tile.n, shape.group);
+    let lanes = (n * group).next_multiple_of(LANES);
+    transpose_queries(shape, tile, lanes, scale, &mut s.queries);
+    s.outputs.clear();
+    s.outputs.resize(d * lanes, 0.0);
+    s.row_max.clear();
+    s.row_max.resize(lanes, f32::NEG_INFINITY);
+    s.row_sum.clear();
+    s.row_sum.resize(lanes, 0.0);
+    // Causal: keys past the last query's horizon are masked for the whole block.
+    let keys = shape.visible_keys(tile.first + n - 1);
+    for first_key in (0..keys).step_by(KEY_TILE) {
+        let tile_keys = first_key..keys.min(first_key + KEY_TILE);
+        let kv = tile_keys.start * d..tile_keys.end * d;
+        let k = T::widen(&tile.k[kv.clone()], &mut s.k);
+        let v = T::widen(&tile.v[kv], &mut s.v);
+        for (first_lane, width) in panels(lanes) {
+            // Keys this panel's last query sees in the tile (all but causal).
+            let last_query = tile.first + ((first_lane + width).min(n * group) - 1) / group;
+            let seen = shape.visible_keys(last_query).min(tile_keys.end);
+            let Some(width_k) = seen.checked_sub(first_key).filter(|&w| w > 0) else {
+                continue;
+            };
+            let panel = first_lane * d..(first_lane + width) * d;
+            let lanes = first_lane..first_lane + width;
+            s.scores.resize(width_k * width, 0.0);
+            // Sᵀ = K·(scale·Q)ᵀ: [keys, D] × [D, width].
+            product::<FMA>(
+                &mut s.scores,
+                Broadcast::rows(k, d),
+                &s.queries[panel.clone()],
+                (width_k, d, width),
+                false,
+            );
+            let hidden = |key: usize| match shape.causal {
+                // Query `first + i` sees key `key` from i = `key − past − first` on.
+                true => ((first_key + key).saturating_sub(shape.past + tile.first) * group)
+                    .saturating_sub(first_lane)
+                    .min(width),
+                false => 0,
+            };
+            let stats = (&mut s.row_max[lanes.clone()], &mut s.row_sum[lanes]);
+            let outputs = &mut s.outputs[panel.clone()];
+            online_softmax::<FMA>(&mut s.scores, width, hidden, stats, outputs);
+            // Oᵀ += Vᵀ·P: [D, keys] × [keys, width].
+            product::<FMA>(
+                &mut s.outputs[panel],
+                Broadcast::cols(v, d),
+                &s.scores,
+                (d, width_k, width),
+                true,
+            );
+        }
+    }
+    normalise_into(s, d, n * group, out);
+}
+
+/// The panels of `lanes` query lanes: `(first lane, width)`, whole panels
+/// and a last one of whole vectors.
+fn panels(lanes: usize) -> impl Iterator<Item = (usize, usize)> {
+    (0..lanes)
+        .step_by(PANEL)
+        .map(move |first| (first, PANEL.min(lanes - first)))
+}
+
+/// `scale·qᵀ` for the block's queries into `lanes` lanes (zero past them),
+/// panel after panel.
+fn transpose_queries<T: Element>(
+    shape: &Shape,
+    tile: &QueryTile<T>,
+    lanes: usize,
+    scale: f32,
+    dst: &mut Vec<f32>,
+) {
+    let (d, group) = (shape.head_dim, shape.group);
+    dst.clear();
+    dst.resize(d * lanes, 0.0);
+    for (first_lane, width) in panels(lanes) {
+        let panel = &mut dst[first_lane * d..][..d * width];
+        let real = (tile.n * group).saturating_sub(first_lane).min(width);
+        for lane in 0..real {
+            let (query, head) = ((first_lane + lane) / group, (first_lane + lane) % group);
+            let row = (head * shape.queries + tile.first + query) * d;
+            for (c, x) in tile.q[row..][..d].iter().enumerate() {
+                panel[c * width + lane] = x.to_f64() as f32 * scale;
+            }
         }
     }
 }
 
-/// One step of the online softmax for a row of scores whose first `visible`
-/// entries count: updates the running maximum and sum, replaces the scores
-/// with their weights `exp(s − max)` (0 where masked) and returns the factor
-/// the row's accumulated output must be scaled by for the new maximum.
-#[inline(always)]
-fn softmax_step(scores: &mut [f32], visible: usize, max: &mut f32, sum: &mut f32) -> f32 {
-    let (seen, masked) = scores.split_at_mut(visible);
-    masked.fill(0.0);
-    let new_max = max_of(seen).max(*max);
-    if new_max == f32::NEG_INFINITY {
-        // Nothing visible yet: the weights are all 0 and nothing to rescale.
-        seen.fill(0.0);
-        return 1.0;
-    }
-    let rescale = exp(*max - new_max);
-    *sum = *sum * rescale + exp_and_sum(seen, new_max);
-    *max = new_max;
-    rescale
-}
-
-/// Lanes of the reductions: independent accumulators the compiler turns into
-/// vector registers (a float reduction is not reassociated otherwise).
-const LANES: usize = 16;
-
-#[inline(always)]
-fn max_of(xs: &[f32]) -> f32 {
-    let mut lanes = [f32::NEG_INFINITY; LANES];
-    let chunks = xs.chunks_exact(LANES);
-    let tail = chunks.remainder();
-    for chunk in chunks {
-        for (m, x) in lanes.iter_mut().zip(chunk) {
-            *m = if *x > *m { *x } else { *m };
+/// `out[head][query] = O / l` for the `real` lanes of the transposed
+/// accumulator, narrowed.
+fn normalise_into<T: Element>(s: &mut Scratch, d: usize, real: usize, out: &mut [&mut [T]]) {
+    let (lanes, group) = (s.row_sum.len(), out.len());
+    s.row.resize(d, 0.0);
+    for (first_lane, width) in panels(lanes) {
+        let panel = &s.outputs[first_lane * d..][..d * width];
+        for lane in 0..real.saturating_sub(first_lane).min(width) {
+            let (query, head) = ((first_lane + lane) / group, (first_lane + lane) % group);
+            let inv = 1.0 / s.row_sum[first_lane + lane];
+            for (c, o) in s.row.iter_mut().enumerate() {
+                *o = panel[c * width + lane] * inv;
+            }
+            T::narrow(&s.row, &mut out[head][query * d..][..d]);
         }
     }
-    tail.iter()
-        .chain(&lanes)
-        .fold(f32::NEG_INFINITY, |m, &x| m.max(x))
 }
 
-/// Replaces each `x` with `exp(x − max)` and returns their sum.
+/// One step of the online softmax for a panel's key tile of scores
+/// `[keys][width]` (queries across), whose first `hidden(key)` lanes in row
+/// `key` are masked: updates each query's running maximum and sum
+/// (`stats`), replaces the scores with their weights `exp(s − max)` (0 where
+/// masked) and rescales the panel's accumulated outputs `[D][width]` where a
+/// maximum grew. `FMA`: whether multiply-adds fuse.
 #[inline(always)]
-fn exp_and_sum(xs: &mut [f32], max: f32) -> f32 {
-    let mut lanes = [0f32; LANES];
-    let mut chunks = xs.chunks_exact_mut(LANES);
-    for chunk in &mut chunks {
-        for (s, x) in lanes.iter_mut().zip(chunk) {
-            *x = exp(*x - max);
+fn online_softmax<const FMA: bool>(
+    scores: &mut [f32],
+    width: usize,
+    hidden: impl Fn(usize) -> usize,
+    (row_max, row_sum): (&mut [f32], &mut [f32]),
+    outputs: &mut [f32],
+) {
+    let mut max = [f32::NEG_INFINITY; PANEL];
+    let max = &mut max[..width];
+    max.copy_from_slice(row_max);
+    for (key, row) in scores.chunks_exact_mut(width).enumerate() {
+        let seen = hidden(key);
+        for (m, &x) in max[seen..].iter_mut().zip(&row[seen..]) {
+            *m = if x > *m { x } else { *m };
+        }
+    }
+    // A query that sees no key yet keeps −∞: its weights are 0 (below) and
+    // exp(−∞ − 0) leaves its all-zero output and sum as they are.
+    let mut rescale = [1f32; PANEL];
+    let rescale = &mut rescale[..width];
+    for ((r, old), new) in rescale
+        .iter_mut()
+        .zip(row_max.iter_mut())
+        .zip(max.iter_mut())
+    {
+        let reference = if *new == f32::NEG_INFINITY { 0.0 } else { *new };
+        *r = exp::<FMA>(*old - reference);
+        *old = *new;
+        *new = reference;
+    }
+    let mut sum = [0f32; PANEL];
+    let sum = &mut sum[..width];
+    for (key, row) in scores.chunks_exact_mut(width).enumerate() {
+        let seen = hidden(key);
+        row[..seen].fill(0.0);
+        let lanes = row[seen..].iter_mut().zip(&mut sum[seen..]);
+        for ((x, s), m) in lanes.zip(&max[seen..]) {
+            *x = exp::<FMA>(*x - m);
             *s += *x;
         }
     }
-    let tail: f32 = chunks
-        .into_remainder()
-        .iter_mut()
-        .map(|x| {
-            *x = exp(*x - max);
-            *x
-        })
-        .sum();
-    tail + lanes.iter().sum::<f32>()
+    for ((l, s), r) in row_sum.iter_mut().zip(sum.iter()).zip(rescale.iter()) {
+        *l = *l * r + s;
+    }
+    // Most tiles past the first leave every maximum where it was.
+    if rescale.iter().any(|&r| r != 1.0) {
+        for row in outputs.chunks_exact_mut(width) {
+            row.iter_mut()
+                .zip(rescale.iter())
+                .for_each(|(o, r)| *o *= r);
+        }
+    }
+}
+
+/// `a·b + c`, rounded once where `FMA` (the CPU has the instruction),
+/// twice otherwise (where `mul_add` would be a library call).
+#[inline(always)]
+fn mul_add<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
+    if FMA { a.mul_add(b, c) } else { a * b + c }
 }
 
 /// `eˣ` for `x ≤ 0` (as the softmax needs), within 2 ulp, branch-free so the
@@ -449,102 +570,225 @@ fn exp_and_sum(xs: &mut [f32], max: f32) -> f32 {
 /// polynomial for `eʳ` on `|r| ≤ ln 2 / 2` (Cephes' expf). Below the smallest
 /// normal result it returns about 1e-38 rather than 0, `-inf` included.
 #[inline(always)]
-fn exp(x: f32) -> f32 {
+fn exp<const FMA: bool>(x: f32) -> f32 {
     const LOG2_E: f32 = std::f32::consts::LOG2_E;
     const LN2_HI: f32 = 0.693_359_4;
     const LN2_LO: f32 = -2.121_944_4e-4;
     // 1.5·2²³: adding it rounds to an integer held in the mantissa's low bits.
     const ROUND: f32 = 12_582_912.0;
+    let fma = mul_add::<FMA>;
     let x = x.max(-87.0);
-    let shifted = x * LOG2_E + ROUND;
+    let shifted = fma(x, LOG2_E, ROUND);
     let n = shifted - ROUND;
-    let r = x - n * LN2_HI - n * LN2_LO;
+    let r = fma(n, -LN2_LO, fma(n, -LN2_HI, x));
     let p = 1.987_569_1e-4_f32;
-    let p = p * r + 1.398_199_9e-3;
-    let p = p * r + 8.333_452e-3;
-    let p = p * r + 4.166_579_6e-2;
-    let p = p * r + 1.666_666_5e-1;
-    let p = p * r + 0.5;
-    let e_r = p * r * r + r + 1.0;
+    let p = fma(p, r, 1.398_199_9e-3);
+    let p = fma(p, r, 8.333_452e-3);
+    let p = fma(p, r, 4.166_579_6e-2);
+    let p = fma(p, r, 1.666_666_5e-1);
+    let p = fma(p, r, 0.5);
+    let e_r = fma(p, r * r, r + 1.0);
     // 2ⁿ from n's bits: the integer sits in `shifted`'s mantissa.
     let n_bits = shifted.to_bits().wrapping_sub(ROUND.to_bits());
     e_r * f32::from_bits(n_bits.wrapping_add(127) << 23)
 }
 
-/// A row-major matrix operand of [`matmul`], read either as it is stored or
-/// transposed.
+/// The left operand of [`product`]: a row-major matrix as it is stored or
+/// transposed, read one element at a time and broadcast across the lanes.
 #[derive(Clone, Copy)]
-struct Operand<'a> {
+struct Broadcast<'a> {
     data: &'a [f32],
-    /// Steps between consecutive rows and columns of the operand as used.
+    /// Steps between consecutive rows and between consecutive depth indices
+    /// (the columns) of the operand as used.
     row_stride: usize,
-    col_stride: usize,
+    depth_stride: usize,
 }
 
-impl<'a> Operand<'a> {
+impl<'a> Broadcast<'a> {
     /// `data` as a row-major matrix with rows of `width` elements.
     fn rows(data: &'a [f32], width: usize) -> Self {
         Self {
             data,
             row_stride: width,
-            col_stride: 1,
+            depth_stride: 1,
         }
     }
 
     /// The transpose of `data` read as a row-major matrix with rows of
-    /// `width` elements: its rows are this operand's columns.
+    /// `width` elements.
     fn cols(data: &'a [f32], width: usize) -> Self {
         Self {
             data,
             row_stride: 1,
-            col_stride: width,
+            depth_stride: width,
         }
     }
 
-    /// Whether an `rows × cols` matrix fits in `data`.
-    fn holds(&self, rows: usize, cols: usize) -> bool {
-        rows == 0
-            || cols == 0
-            || (rows - 1) * self.row_stride + (cols - 1) * self.col_stride < self.data.len()
+    /// The operand without its first `row` rows.
+    fn skip_rows(self, row: usize) -> Self {
+        Self {
+            data: &self.data[row * self.row_stride..],
+            ..self
+        }
     }
 }
 
-/// `dst = beta·lhs·rhs` (`accumulate`: `dst += beta·lhs·rhs`) for a row-major
-/// `[m, n]` `dst`, `lhs` `[m, k]` and `rhs` `[k, n]`, on the calling thread.
-fn matmul(
-    dst: &mut [f32],
-    lhs: Operand,
-    rhs: Operand,
-    (m, n, k): (usize, usize, usize),
-    beta: f32,
+/// `c = a·b` (`accumulate`: `c += a·b`) for `c` `[rows][width]`, `a`
+/// `[rows, depth]` and `b` `[depth][width]`, row-major with `width` (at most
+/// a [`PANEL`], whole vectors) query lanes: register blocks of [`BLOCK_ROWS`]
+/// rows × the panel, each running over the whole depth.
+#[inline(always)]
+fn product<const FMA: bool>(
+    c: &mut [f32],
+    a: Broadcast,
+    b: &[f32],
+    (rows, depth, width): (usize, usize, usize),
     accumulate: bool,
 ) {
-    assert!(dst.len() >= m * n && lhs.holds(m, k) && rhs.holds(k, n));
-    // SAFETY: the assertion keeps every index gemm reads (row·row_stride +
-    // col·col_stride of an m×k, k×n operand) or writes (i·n + j of m×n) inside
-    // the slices; `dst` is borrowed mutably, so it aliases neither operand.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            n as isize,
-            accumulate,
-            lhs.data.as_ptr(),
-            lhs.col_stride as isize,
-            lhs.row_stride as isize,
-            rhs.data.as_ptr(),
-            rhs.col_stride as isize,
-            rhs.row_stride as isize,
-            1.0,
-            beta,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        );
+    if width == PANEL {
+        product_strip::<PANEL_VECTORS, FMA>(c, a, b, (rows, depth, width), accumulate, 0);
+    } else {
+        for first_lane in (0..width).step_by(LANES) {
+            product_strip::<1, FMA>(c, a, b, (rows, depth, width), accumulate, first_lane);
+        }
+    }
+}
+
+/// [`product`] for the `VECTORS` vectors of lanes from `first_lane` on.
+#[inline(always)]
+fn product_strip<const VECTORS: usize, const FMA: bool>(
+    c: &mut [f32],
+    a: Broadcast,
+    b: &[f32],
+    (rows, depth, width): (usize, usize, usize),
+    accumulate: bool,
+    first_lane: usize,
+) {
+    let block = |row: usize| Block {
+        ldc: width,
+        b: &b[first_lane..],
+        a: a.skip_rows(row),
+        depth,
+        accumulate,
+    };
+    let full = rows - rows % BLOCK_ROWS;
+    for row in (0..full).step_by(BLOCK_ROWS) {
+        block(row).run::<BLOCK_ROWS, VECTORS, FMA>(&mut c[row * width + first_lane..]);
+    }
+    for row in full..rows {
+        block(row).run::<1, VECTORS, FMA>(&mut c[row * width + first_lane..]);
+    }
+}
+
+/// A register block's operands: `a` from its first row, `b` `[depth][ldb]`
+/// from its first lane; `c`'s rows are `ldc` apart (`ldb == ldc`).
+struct Block<'a> {
+    ldc: usize,
+    a: Broadcast<'a>,
+    b: &'a [f32],
+    depth: usize,
+    accumulate: bool,
+}
+
+impl Block<'_> {
+    /// `c[r][..VECTORS·LANES] (+)= Σₖ a(r, k)·b[k][..VECTORS·LANES]` for `r <
+    /// ROWS`, the accumulators held in registers across the depth: AVX-512's
+    /// where the CPU has it (the compiler keeps arrays of lanes this large in
+    /// memory and gathers the broadcasts), else plain f32 arrays.
+    #[inline(always)]
+    fn run<const ROWS: usize, const VECTORS: usize, const FMA: bool>(&self, c: &mut [f32]) {
+        if self.depth == 0 {
+            return;
+        }
+        let lanes = VECTORS * LANES;
+        let (ldc, a) = (self.ldc, self.a);
+        assert!((ROWS - 1) * ldc + lanes <= c.len());
+        assert!((self.depth - 1) * ldc + lanes <= self.b.len());
+        assert!((ROWS - 1) * a.row_stride + (self.depth - 1) * a.depth_stride < a.data.len());
+        #[cfg(target_arch = "x86_64")]
+        if is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU has AVX-512F, the one feature the function
+            // enables, and the assertions are the bounds it requires.
+            return unsafe { self.run_avx512::<ROWS, VECTORS>(c) };
+        }
+        self.run_portable::<ROWS, VECTORS, FMA>(c);
+    }
+
+    /// [`Block::run`] in AVX-512 registers.
+    ///
+    /// # Safety
+    /// [`Block::run`]'s assertions hold: every offset read or written lies
+    /// inside `c`, `b` and `a.data`.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn run_avx512<const ROWS: usize, const VECTORS: usize>(&self, c: &mut [f32]) {
+        use std::arch::x86_64::{__m512, _mm512_fmadd_ps, _mm512_loadu_ps, _mm512_set1_ps};
+        use std::arch::x86_64::{_mm512_setzero_ps, _mm512_storeu_ps};
+        let (ldc, a) = (self.ldc, self.a);
+        let (a_ptr, b_ptr, c_ptr) = (a.data.as_ptr(), self.b.as_ptr(), c.as_mut_ptr());
+        let mut acc = [[_mm512_setzero_ps(); VECTORS]; ROWS];
+        if self.accumulate {
+            for (r, acc) in acc.iter_mut().enumerate() {
+                for (v, acc) in acc.iter_mut().enumerate() {
+                    // SAFETY: r·ldc + (v + 1)·LANES ≤ c.len() (the caller's bounds).
+                    *acc = unsafe { _mm512_loadu_ps(c_ptr.add(r * ldc + v * LANES)) };
+                }
+            }
+        }
+        for k in 0..self.depth {
+            let mut b_row = [_mm512_setzero_ps(); VECTORS];
+            for (v, b) in b_row.iter_mut().enumerate() {
+                // SAFETY: k·ldc + (v + 1)·LANES ≤ b.len() (the caller's bounds).
+                *b = unsafe { _mm512_loadu_ps(b_ptr.add(k * ldc + v * LANES)) };
+            }
+            for (r, acc) in acc.iter_mut().enumerate() {
+                // SAFETY: r·row_stride + k·depth_stride < a.data.len() (the caller's bounds).
+                let x = unsafe { *a_ptr.add(r * a.row_stride + k * a.depth_stride) };
+                let x: __m512 = _mm512_set1_ps(x);
+                for (acc, b) in acc.iter_mut().zip(&b_row) {
+                    *acc = _mm512_fmadd_ps(x, *b, *acc);
+                }
+            }
+        }
+        for (r, acc) in acc.iter().enumerate() {
+            for (v, acc) in acc.iter().enumerate() {
+                // SAFETY: r·ldc + (v + 1)·LANES ≤ c.len() (the caller's bounds).
+                unsafe { _mm512_storeu_ps(c_ptr.add(r * ldc + v * LANES), *acc) };
+            }
+        }
+    }
+
+    /// [`Block::run`] on f32 arrays, for CPUs without AVX-512.
+    #[inline(always)]
+    fn run_portable<const ROWS: usize, const VECTORS: usize, const FMA: bool>(
+        &self,
+        c: &mut [f32],
+    ) {
+        let (ldc, a) = (self.ldc, self.a);
+        let mut acc = [[[0f32; LANES]; VECTORS]; ROWS];
+        if self.accumulate {
+            for (r, acc) in acc.iter_mut().enumerate() {
+                for (v, acc) in acc.iter_mut().enumerate() {
+                    acc.copy_from_slice(&c[r * ldc + v * LANES..][..LANES]);
+                }
+            }
+        }
+        for k in 0..self.depth {
+            let b_row = &self.b[k * ldc..][..VECTORS * LANES];
+            for (r, acc) in acc.iter_mut().enumerate() {
+                let x = a.data[r * a.row_stride + k * a.depth_stride];
+                for (acc, y) in acc.iter_mut().zip(b_row.chunks_exact(LANES)) {
+                    for (o, y) in acc.iter_mut().zip(y) {
+                        *o = mul_add::<FMA>(x, *y, *o);
+                    }
+                }
+            }
+        }
+        for (r, acc) in acc.iter().enumerate() {
+            for (v, acc) in acc.iter().enumerate() {
+                c[r * ldc + v * LANES..][..LANES].copy_from_slice(acc);
+            }
+        }
     }
 }
 
@@ -620,6 +864,16 @@ mod tests {
         for mask in [Mask::None, Mask::Causal] {
             assert!(relative_gap(&q, &k, &v, mask) < 1e-5);
         }
+        // A decoding step and a short causal chunk past a KV cache: the
+        // group's heads share the lanes, the mask hides a prefix of them.
+        for queries in [1, 3] {
+            let q = randn((1, 8, queries, 32));
+            assert!(relative_gap(&q, &k, &v, Mask::Causal) < 1e-5);
+        }
+        // Seven heads a group (lanes that do not fill whole panels).
+        let q7 = randn((1, 14, 65, 16));
+        let (k7, v7) = (randn((1, 2, 300, 16)), randn((1, 2, 300, 16)));
+        assert!(relative_gap(&q7, &k7, &v7, Mask::Causal) < 1e-5);
         // [H, L, D] without a batch axis, and [L, D].
         let q3 = randn((4, 70, 8));
         let (k3, v3) = (randn((2, 90, 8)), randn((2, 90, 8)));
@@ -672,19 +926,40 @@ mod tests {
         // one worker's tiles: far below the 3120² scores of one head
         assert!(at(3120) / workers() < 3120 * 3120 / 50);
         // a single short query: tiles no larger than the problem
-        assert_eq!(scratch_elems(1, 1, 5, 8), 5 + 2 * 8 + 2 * 5 * 8 + 2);
+        // (one query takes a vector of lanes)
+        assert_eq!(
+            scratch_elems(1, 1, 5, 8),
+            2 * 16 * 8 + 5 * 16 + 2 * 5 * 8 + 2 * 16 + 8
+        );
+    }
+
+    #[test]
+    fn query_blocks_are_whole_panels_of_at_most_a_query_tile() {
+        for group in [1, 2, 3, 7, 8, 16] {
+            for queries in [1, 5, 47, 48, 239, 240, 241, 780, 3120, 4001] {
+                let block = block_queries(queries, group);
+                assert!(block * group <= QUERY_TILE, "{queries} x {group}");
+                let whole_panels = (block * group).is_multiple_of(PANEL);
+                assert!(whole_panels || group == 7, "{queries} x {group}");
+            }
+        }
+        // 3120 tokens: 13 blocks of 240, none short.
+        assert_eq!(block_queries(3120, 1), 240);
     }
 
     #[test]
     fn exp_is_within_two_ulp_over_the_softmax_range() {
         for i in 0..=87_000 {
             let x = -(i as f32) / 1000.0;
-            let (got, want) = (exp(x), x.exp());
-            assert!(
-                (got - want).abs() <= 2.0 * f32::EPSILON * want,
-                "{x}: {got} vs {want}"
-            );
+            let want = x.exp();
+            for got in [exp::<false>(x), exp::<true>(x)] {
+                assert!(
+                    (got - want).abs() <= 2.0 * f32::EPSILON * want,
+                    "{x}: {got} vs {want}"
+                );
+            }
         }
-        assert!(exp(f32::NEG_INFINITY) < 1e-37);
+        assert!(exp::<false>(f32::NEG_INFINITY) < 1e-37);
+        assert!(exp::<true>(f32::NEG_INFINITY) < 1e-37);
     }
 }

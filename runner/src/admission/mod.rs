@@ -378,14 +378,14 @@ impl Admission {
 }
 
 /// The tiled CPU attention's scratch in f32 elements, worked out by hand
-/// for lengths of at least a tile and more tiles than workers: per worker a
-/// 64-query × 256-key score tile, the accumulator and the query tile
-/// (64 × head dim each), the key and value tiles (256 × head dim each) and
-/// two statistics per query.
+/// for lengths of at least a block and more blocks than workers: per worker
+/// the transposed query and output blocks (240 query lanes × head dim
+/// each), one 48-query panel's 128-key scores, the key and value tiles (128
+/// × head dim each), two statistics per query and one output row.
 #[cfg(test)]
 fn tiled_scratch_by_hand(head_dim: u64) -> u64 {
     let workers = candle_core::utils::get_num_threads() as u64;
-    workers * (64 * 256 + 2 * 64 * head_dim + 2 * 256 * head_dim + 2 * 64)
+    workers * (2 * 240 * head_dim + 128 * 48 + 2 * 128 * head_dim + 2 * 240 + head_dim)
 }
 
 #[cfg(test)]
