@@ -327,9 +327,15 @@ def vlm(args, device):
         # The processor runs inside the timed regions, as the runner's prepare() does.
         return processor(text=[text], images=images, return_tensors="pt").to(device)
 
+    # The prefill is what generate() runs before its first token: logits of the
+    # last position only (as the runner's), not the whole prompt's (151 936 per
+    # position), or generate - prefill would undercount the decoding.
+    def prefill():
+        return model(**inputs(), logits_to_keep=1).logits
+
     with torch.no_grad():
-        model(**inputs())  # warm-up
-        timed(f"{row}-prefill", device, lambda: (model(**inputs()).logits, {}))
+        prefill()  # warm-up
+        timed(f"{row}-prefill", device, lambda: (prefill(), {}))
         out = timed(f"{row}-generate", device, lambda: generate(model, inputs(), args.max_new_tokens))
     del model, out
     release_cache(device)

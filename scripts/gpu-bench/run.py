@@ -132,7 +132,7 @@ def cpu_plan(is_tiny):
         "dit-1.3b": WAN_1_3B_I2V, "vae": WAN_VAE, "umt5": tiny(UMT5_XXL, num_layers=4), "tokens": 512,
         "dit_sizes": ["780=416x240x5", "3120=832x480x5"], "vae_size": "416x240x5",
         "attention": [(12, 780, 128), (12, 3120, 128)], "conv3d": (192, 2, 60, 104), "gelu": (780, 8960),
-        "vlm_shape": "mid", "image": (448, 448), "new_tokens": 16, "load_rounds": 3,
+        "vlm_shape": "mid", "image": (448, 448), "new_tokens": 64, "load_rounds": 3,
     }
 
 

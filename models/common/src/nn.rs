@@ -10,11 +10,13 @@ use crate::tiled_attention;
 use crate::{bias_gemm, rows, small_batch};
 
 /// A linear layer as transformers and diffusers save it (`weight` `[out, in]`,
-/// optional `bias` `[out]`): candle's, except that a few rows of bf16 on the
-/// CPU (a VLM decoding a token) run [`small_batch`]'s kernel, where candle's
-/// bf16 gemm is several times slower than PyTorch, and f32 with a bias on the
-/// CPU runs [`bias_gemm`] (the bias added within the product, not in a second
-/// pass). Every model builds its linear layers from here.
+/// optional `bias` `[out]`): candle's, except on the CPU where a few rows of
+/// bf16 or f32 (a VLM decoding a token, a timestep embedding) run
+/// [`small_batch`]'s kernel (candle's bf16 gemm is several times slower than
+/// PyTorch, and its f32 gemm packs the whole weight matrix for one row), and
+/// more rows of f32 with a bias run [`bias_gemm`] (the bias added within the
+/// product, not in a second pass). Every model builds its linear layers from
+/// here.
 #[derive(Debug, Clone)]
 pub struct Linear(candle_nn::Linear);
 
@@ -27,19 +29,17 @@ impl Linear {
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let weight = self.0.weight();
-        if let Some(bias) = self.0.bias()
-            && bias_gemm::applies(x, weight, bias)
-        {
-            return bias_gemm::linear(x, weight, bias);
+        if small_batch::applies(x, weight) {
+            // The bias is added after the product's rounding, as candle's Linear does.
+            let y = small_batch::matmul_t(x, weight)?;
+            return match self.0.bias() {
+                Some(bias) => y.broadcast_add(bias),
+                None => Ok(y),
+            };
         }
-        if !small_batch::applies(x, weight) {
-            return self.0.forward(x);
-        }
-        // The bias is added after the product's rounding, as candle's Linear does.
-        let y = small_batch::matmul_t(x, weight)?;
         match self.0.bias() {
-            Some(bias) => y.broadcast_add(bias),
-            None => Ok(y),
+            Some(bias) if bias_gemm::applies(x, weight, bias) => bias_gemm::linear(x, weight, bias),
+            _ => self.0.forward(x),
         }
     }
 }

@@ -1,5 +1,6 @@
-//! `x · Wᵀ` for a few rows of bf16 `x` against bf16 weights on the CPU (a
-//! VLM decoding one token at a time), where candle's bf16 gemm is slow.
+//! `x · Wᵀ` for a few rows of `x` against bf16 or f32 weights of the same
+//! dtype on the CPU (a VLM decoding one token at a time), where candle's bf16
+//! gemm is slow and its f32 gemm packs the whole weight matrix for one row.
 //!
 //! The weights stay bf16 as stored (`[out, in]`) and each output is a dot
 //! product of a weight row and a row of `x` with f32 accumulation, the
@@ -10,7 +11,8 @@
 //! multiplies 32 bf16 pairs exactly into f32 sums per instruction, `x` kept
 //! bf16 and four weight rows sharing each load of `x`; elsewhere the weights
 //! and `x` are widened to f32 (a shift into the high half: exact) for f32
-//! FMAs. Larger batches, other dtypes and devices keep candle's matmul.
+//! FMAs. f32 weights take the widening kernel as they are (and the sums stay
+//! f32). Larger batches, other dtypes and devices keep candle's matmul.
 
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use half::bf16;
@@ -30,15 +32,15 @@ pub fn applies(x: &Tensor, weight: &Tensor) -> bool {
     let in_features = weight.dims().get(1).copied();
     x.device().is_cpu()
         && weight.device().is_cpu()
-        && x.dtype() == DType::BF16
-        && weight.dtype() == DType::BF16
+        && matches!(x.dtype(), DType::BF16 | DType::F32)
+        && weight.dtype() == x.dtype()
         && weight.rank() == 2
         && weight.is_contiguous()
         && x.dims().last().copied() == in_features
         && x.elem_count() <= MAX_ROWS * in_features.unwrap_or(0)
 }
 
-/// `x · weightᵀ` for the inputs [`applies`] accepts: `[…, out]` in bf16.
+/// `x · weightᵀ` for the inputs [`applies`] accepts: `[…, out]` in their dtype.
 pub fn matmul_t(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
     let (out_features, in_features) = weight.dims2()?;
     let rows = x.elem_count() / in_features.max(1);
@@ -66,9 +68,6 @@ impl CustomOp2 for SmallBatchMatmul {
         weight: &CpuStorage,
         weight_layout: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (CpuStorage::BF16(x), CpuStorage::BF16(weight)) = (x, weight) else {
-            candle_core::bail!("small-batch matmul: bf16 inputs expected");
-        };
         let (rows, in_features) = x_layout.shape().dims2()?;
         let (out_features, weight_in) = weight_layout.shape().dims2()?;
         if weight_in != in_features {
@@ -76,26 +75,32 @@ impl CustomOp2 for SmallBatchMatmul {
                 "small-batch matmul: {in_features} inputs against weights [{out_features}, {weight_in}]"
             );
         }
-        let sums = products(
-            Kernel::detect(),
-            contiguous(weight, weight_layout)?,
-            contiguous(x, x_layout)?,
-            Dims {
-                rows,
-                in_features,
-                out_features,
-            },
-        );
-        let out = (0..rows)
-            .flat_map(|row| {
-                sums.iter()
-                    .skip(row)
-                    .step_by(rows)
-                    .map(|&v| bf16::from_f32(v))
-            })
-            .collect();
-        Ok((CpuStorage::BF16(out), Shape::from((rows, out_features))))
+        let dims = Dims {
+            rows,
+            in_features,
+            out_features,
+        };
+        let out = match (x, weight) {
+            (CpuStorage::BF16(x), CpuStorage::BF16(weight)) => {
+                let (x, weight) = (contiguous(x, x_layout)?, contiguous(weight, weight_layout)?);
+                let sums = products(Kernel::detect(), weight, x, dims);
+                CpuStorage::BF16(row_major(&sums, rows, bf16::from_f32))
+            }
+            (CpuStorage::F32(x), CpuStorage::F32(weight)) => {
+                let (x, weight) = (contiguous(x, x_layout)?, contiguous(weight, weight_layout)?);
+                CpuStorage::F32(row_major(&widened_products(weight, x, dims), rows, |v| v))
+            }
+            _ => candle_core::bail!("small-batch matmul: bf16 or f32 inputs of one dtype expected"),
+        };
+        Ok((out, Shape::from((rows, out_features))))
     }
+}
+
+/// The feature-major sums (`[out, rows]`) as `[rows, out]` values.
+fn row_major<T>(sums: &[f32], rows: usize, value: impl Fn(f32) -> T) -> Vec<T> {
+    (0..rows)
+        .flat_map(|row| sums.iter().skip(row).step_by(rows).map(|&v| value(v)))
+        .collect()
 }
 
 /// The sizes of one product: `rows` of `x` against `out_features` weight rows
@@ -130,49 +135,83 @@ impl Kernel {
 /// `Σ w·x` of every weight row against every row of `x`, feature-major
 /// (`[out, rows]`), so that each thread's block of features is contiguous.
 fn products(kernel: Kernel, weight: &[bf16], x: &[bf16], dims: Dims) -> Vec<f32> {
-    let mut sums = vec![0f32; dims.out_features * dims.rows];
-    if dims.in_features == 0 || dims.rows == 0 {
-        return sums;
-    }
-    let rows = dims.rows;
     match kernel {
         #[cfg(target_arch = "x86_64")]
-        Kernel::Bf16Pairs => for_each_block(&mut sums, MIN_BLOCK, rows, |first, block| {
-            let features = first / rows..(first + block.len()) / rows;
-            let weight =
-                &weight[features.start * dims.in_features..features.end * dims.in_features];
-            // SAFETY: `Kernel::detect` chose this kernel because the CPU has its features.
-            unsafe { bf16_pairs::products(weight, x, dims.in_features, block) }
-        }),
+        Kernel::Bf16Pairs => {
+            let rows = dims.rows;
+            let mut sums = vec![0f32; dims.out_features * rows];
+            if dims.in_features == 0 || rows == 0 {
+                return sums;
+            }
+            for_each_block(&mut sums, MIN_BLOCK, rows, |first, block| {
+                let features = first / rows..(first + block.len()) / rows;
+                let weight =
+                    &weight[features.start * dims.in_features..features.end * dims.in_features];
+                // SAFETY: `Kernel::detect` chose this kernel because the CPU has its features.
+                unsafe { bf16_pairs::products(weight, x, dims.in_features, block) }
+            });
+            sums
+        }
         Kernel::Widened => {
             let x: Vec<f32> = x.iter().map(|v| v.to_f32()).collect();
-            for_each_block(&mut sums, MIN_BLOCK, rows, |first, block| {
-                widest_simd(
-                    #[inline(always)]
-                    || {
-                        let features = block.chunks_mut(rows);
-                        for (feature, sums) in (first / rows..).zip(features) {
-                            let w = &weight[feature * dims.in_features..][..dims.in_features];
-                            for (sum, x) in sums.iter_mut().zip(x.chunks_exact(dims.in_features)) {
-                                *sum = dot(w, x);
-                            }
-                        }
-                    },
-                )
-            });
+            widened_products(weight, &x, dims)
         }
     }
+}
+
+/// [`products`] with the weights widened to f32 (f32 ones as they are) and
+/// f32 FMAs in the widest vectors there are.
+fn widened_products<W: Weight>(weight: &[W], x: &[f32], dims: Dims) -> Vec<f32> {
+    let rows = dims.rows;
+    let mut sums = vec![0f32; dims.out_features * rows];
+    if dims.in_features == 0 || rows == 0 {
+        return sums;
+    }
+    for_each_block(&mut sums, MIN_BLOCK, rows, |first, block| {
+        widest_simd(
+            #[inline(always)]
+            || {
+                let features = block.chunks_mut(rows);
+                for (feature, sums) in (first / rows..).zip(features) {
+                    let w = &weight[feature * dims.in_features..][..dims.in_features];
+                    for (sum, x) in sums.iter_mut().zip(x.chunks_exact(dims.in_features)) {
+                        *sum = dot(w, x);
+                    }
+                }
+            },
+        )
+    });
     sums
+}
+
+/// A weight element the widening kernel reads: its exact f32 value.
+trait Weight: Copy + Sync {
+    fn widen(self) -> f32;
+}
+
+impl Weight for bf16 {
+    /// A shift into the high half: exact.
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        f32::from_bits(u32::from(self.to_bits()) << 16)
+    }
+}
+
+impl Weight for f32 {
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        self
+    }
 }
 
 /// Independent accumulators: enough for the dot product's additions to
 /// pipeline in two 8-lane vectors.
 const LANES: usize = 16;
 
-/// `Σ w·x` with the bf16 `w` widened exactly to f32 and f32 accumulation.
+/// `Σ w·x` with `w` widened exactly to f32 and f32 accumulation.
 #[inline(always)]
-fn dot(w: &[bf16], x: &[f32]) -> f32 {
-    let widen = |w: bf16| f32::from_bits(u32::from(w.to_bits()) << 16);
+fn dot<W: Weight>(w: &[W], x: &[f32]) -> f32 {
+    let widen = W::widen;
     let (w_lanes, w_tail) = w.as_chunks::<LANES>();
     let (x_lanes, x_tail) = x.as_chunks::<LANES>();
     let mut acc = [0f32; LANES];
@@ -362,6 +401,14 @@ mod tests {
             assert!(applies(&x, &w));
             let got = matmul_t(&x, &w).unwrap();
             assert_matches_f64(&x, &w, &got, 1.0 / 256.0);
+            // f32: the widening kernel, sums not rounded further.
+            let (x, w) = (
+                x.to_dtype(DType::F32).unwrap(),
+                w.to_dtype(DType::F32).unwrap(),
+            );
+            let got = matmul_t(&x, &w).unwrap();
+            assert_eq!(got.dtype(), DType::F32);
+            assert_matches_f64(&x, &w, &got, 0.0);
         }
     }
 
@@ -394,13 +441,18 @@ mod tests {
     }
 
     #[test]
-    fn takes_only_few_bf16_rows_on_the_cpu() {
+    fn takes_only_few_rows_of_one_dtype_on_the_cpu() {
         let w = random((8, 16), 1.0);
         assert!(applies(&random((MAX_ROWS, 16), 1.0), &w));
         assert!(!applies(&random((MAX_ROWS + 1, 16), 1.0), &w));
         assert!(!applies(&random((1, 15), 1.0), &w));
         let f32_row = random((1, 16), 1.0).to_dtype(DType::F32).unwrap();
-        assert!(!applies(&f32_row, &w.to_dtype(DType::F32).unwrap()));
+        assert!(applies(&f32_row, &w.to_dtype(DType::F32).unwrap()));
+        assert!(!applies(&f32_row, &w));
+        assert!(!applies(
+            &f32_row.to_dtype(DType::F16).unwrap(),
+            &w.to_dtype(DType::F16).unwrap()
+        ));
         assert!(!applies(&random((1, 8), 1.0), &w.t().unwrap()));
     }
 }
