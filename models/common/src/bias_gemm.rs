@@ -83,6 +83,7 @@ fn accumulate(out: &mut [f32], x: &[f32], w: &[f32], m: usize, n: usize, k: usiz
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_support::max_abs_diff;
 
     /// Against candle's `Linear` on random inputs with odd sizes (one row,
     /// tails of every kernel width, a batch axis, more inputs than the GEMM's
@@ -109,17 +110,7 @@ mod tests {
                 assert!(applies(&x, &w, &b));
                 let got = linear(&x, &w, &b).unwrap();
                 let want = candle_nn::Linear::new(w, Some(b)).forward(&x).unwrap();
-                assert_eq!(got.dims(), want.dims());
-                let err = (got - want)
-                    .unwrap()
-                    .abs()
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .max(0)
-                    .unwrap()
-                    .to_scalar::<f32>()
-                    .unwrap();
+                let err = max_abs_diff(&got, &want);
                 assert!(err <= 1e-5 * (k as f32).sqrt(), "{dims:?} x {n}: {err}");
             }
         }

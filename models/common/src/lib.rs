@@ -106,3 +106,24 @@ pub fn read_json<T: DeserializeOwned>(path: &Path, what: &'static str) -> Result
         source,
     })
 }
+
+/// What the kernels' unit tests share.
+#[cfg(test)]
+mod test_support {
+    use candle_core::Tensor;
+
+    /// The largest |a − b| of two tensors of one shape.
+    pub(crate) fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+        assert_eq!(a.dims(), b.dims());
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+}

@@ -367,23 +367,11 @@ fn mask_rows(mask: &Tensor, start: usize, len: usize, queries: usize) -> Result<
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_support::max_abs_diff;
 
     /// Standard normal values of `shape` on the CPU.
     fn randn<S: Into<candle_core::Shape>>(shape: S) -> Tensor {
         Tensor::randn(0f32, 1f32, shape, &Device::Cpu).unwrap()
-    }
-
-    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
     }
 
     #[test]

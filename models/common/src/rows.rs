@@ -206,23 +206,10 @@ mod tests {
     use candle_core::D;
 
     use super::*;
+    use crate::test_support::max_abs_diff;
 
     fn randn(dims: &[usize], std: f32) -> Tensor {
         Tensor::randn(0f32, std, dims, &Device::Cpu).unwrap()
-    }
-
-    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-        assert_eq!(a.dims(), b.dims());
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar()
-            .unwrap()
     }
 
     /// Shapes with rows shorter than, equal to and longer than the lanes
