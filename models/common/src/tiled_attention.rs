@@ -322,8 +322,6 @@ struct Scratch {
     /// Widened key and value tiles (unused for f32).
     k: Vec<f32>,
     v: Vec<f32>,
-    /// One output row before narrowing.
-    row: Vec<f32>,
 }
 
 /// The online softmax over the key tiles for one block of queries, written
@@ -400,8 +398,9 @@ fn attend_tile_with<T: Element, const FMA: bool>(
     s.row_sum.resize(lanes, 0.0);
     // Causal: keys past the last query's horizon are masked for the whole block.
     let keys = shape.visible_keys(tile.first + n - 1);
-    for first_key in (0..keys).step_by(KEY_TILE) {
-        let tile_keys = first_key..keys.min(first_key + KEY_TILE);
+    let key_tile = key_tile(keys);
+    for first_key in (0..keys).step_by(key_tile) {
+        let tile_keys = first_key..keys.min(first_key + key_tile);
         let kv = tile_keys.start * d..tile_keys.end * d;
         let k = T::widen(&tile.k[kv.clone()], &mut s.k);
         let v = T::widen(&tile.v[kv], &mut s.v);
@@ -421,29 +420,40 @@ fn attend_tile_with<T: Element, const FMA: bool>(
                 Broadcast::rows(k, d),
                 &s.queries[panel.clone()],
                 (width_k, d, width),
-                false,
+                Start::Zero,
             );
-            let hidden = |key: usize| match shape.causal {
-                // Query `first + i` sees key `key` from i = `key − past − first` on.
-                true => ((first_key + key).saturating_sub(shape.past + tile.first) * group)
-                    .saturating_sub(first_lane)
-                    .min(width),
-                false => 0,
-            };
             let stats = (&mut s.row_max[lanes.clone()], &mut s.row_sum[lanes]);
-            let outputs = &mut s.outputs[panel.clone()];
-            online_softmax::<FMA>(&mut s.scores, width, hidden, stats, outputs);
-            // Oᵀ += Vᵀ·P: [D, keys] × [keys, width].
+            let rescale = if shape.causal {
+                // Query `first + i` sees key `key` from i = `key − past − first` on.
+                let hidden = |key: usize| {
+                    ((first_key + key).saturating_sub(shape.past + tile.first) * group)
+                        .saturating_sub(first_lane)
+                        .min(width)
+                };
+                online_softmax::<FMA>(&mut s.scores, width, hidden, stats)
+            } else {
+                online_softmax::<FMA>(&mut s.scores, width, |_| 0, stats)
+            };
+            // Oᵀ = Oᵀ·rescale + Vᵀ·P: [D, keys] × [keys, width].
             product::<FMA>(
                 &mut s.outputs[panel],
                 Broadcast::cols(v, d),
                 &s.scores,
                 (d, width_k, width),
-                true,
+                Start::Scaled(&rescale[..width]),
             );
         }
     }
     normalise_into(s, d, n * group, out);
+}
+
+/// Keys per tile for `keys` keys: equal tiles of at most [`KEY_TILE`], whole
+/// register blocks where they fit, so that no tile is a short remainder
+/// (780 keys: 6 × 112 + 108 rather than 6 × 128 + 12, whose products run
+/// mostly in single-row blocks and reload the outputs for a few keys).
+fn key_tile(keys: usize) -> usize {
+    let tiles = keys.div_ceil(KEY_TILE).max(1);
+    keys.div_ceil(tiles).next_multiple_of(BLOCK_ROWS).min(KEY_TILE)
 }
 
 /// The panels of `lanes` query lanes: `(first lane, width)`, whole panels
@@ -456,6 +466,7 @@ fn panels(lanes: usize) -> impl Iterator<Item = (usize, usize)> {
 
 /// `scale·qᵀ` for the block's queries into `lanes` lanes (zero past them),
 /// panel after panel.
+#[inline(always)]
 fn transpose_queries<T: Element>(
     shape: &Shape,
     tile: &QueryTile<T>,
@@ -466,14 +477,26 @@ fn transpose_queries<T: Element>(
     let (d, group) = (shape.head_dim, shape.group);
     dst.clear();
     dst.resize(d * lanes, 0.0);
+    let query_row = |lane: usize| {
+        let (query, head) = (lane / group, lane % group);
+        &tile.q[(head * shape.queries + tile.first + query) * d..][..d]
+    };
     for (first_lane, width) in panels(lanes) {
         let panel = &mut dst[first_lane * d..][..d * width];
         let real = (tile.n * group).saturating_sub(first_lane).min(width);
-        for lane in 0..real {
-            let (query, head) = ((first_lane + lane) / group, (first_lane + lane) % group);
-            let row = (head * shape.queries + tile.first + query) * d;
-            for (c, x) in tile.q[row..][..d].iter().enumerate() {
-                panel[c * width + lane] = x.to_f64() as f32 * scale;
+        for vector in (0..real).step_by(LANES) {
+            let rows = (vector..real.min(vector + LANES)).map(|lane| query_row(first_lane + lane));
+            let mut square = [[0f32; LANES]; LANES];
+            for column in (0..d).step_by(LANES) {
+                let columns = LANES.min(d - column);
+                for (values, row) in square.iter_mut().zip(rows.clone()) {
+                    for (x, q) in values.iter_mut().zip(&row[column..][..columns]) {
+                        *x = q.to_f64() as f32 * scale;
+                    }
+                }
+                for (c, values) in transpose(&square).iter().take(columns).enumerate() {
+                    panel[(column + c) * width + vector..][..LANES].copy_from_slice(values);
+                }
             }
         }
     }
@@ -481,81 +504,183 @@ fn transpose_queries<T: Element>(
 
 /// `out[head][query] = O / l` for the `real` lanes of the transposed
 /// accumulator, narrowed.
+#[inline(always)]
 fn normalise_into<T: Element>(s: &mut Scratch, d: usize, real: usize, out: &mut [&mut [T]]) {
     let (lanes, group) = (s.row_sum.len(), out.len());
-    s.row.resize(d, 0.0);
     for (first_lane, width) in panels(lanes) {
         let panel = &s.outputs[first_lane * d..][..d * width];
-        for lane in 0..real.saturating_sub(first_lane).min(width) {
-            let (query, head) = ((first_lane + lane) / group, (first_lane + lane) % group);
-            let inv = 1.0 / s.row_sum[first_lane + lane];
-            for (c, o) in s.row.iter_mut().enumerate() {
-                *o = panel[c * width + lane] * inv;
+        let real = real.saturating_sub(first_lane).min(width);
+        for vector in (0..real).step_by(LANES) {
+            let sums = &s.row_sum[first_lane + vector..][..LANES];
+            let inverse: [f32; LANES] = std::array::from_fn(|lane| 1.0 / sums[lane]);
+            let mut square = [[0f32; LANES]; LANES];
+            for column in (0..d).step_by(LANES) {
+                let columns = LANES.min(d - column);
+                for (c, values) in square.iter_mut().take(columns).enumerate() {
+                    let outputs = &panel[(column + c) * width + vector..][..LANES];
+                    for ((x, o), inv) in values.iter_mut().zip(outputs).zip(&inverse) {
+                        *x = o * inv;
+                    }
+                }
+                let transposed = transpose(&square);
+                for (lane, values) in (vector..real.min(vector + LANES)).zip(&transposed) {
+                    let lane = first_lane + lane;
+                    let (query, head) = (lane / group, lane % group);
+                    let row = &mut out[head][query * d + column..][..columns];
+                    T::narrow(&values[..columns], row);
+                }
             }
-            T::narrow(&s.row, &mut out[head][query * d..][..d]);
         }
     }
+}
+
+/// A 16 × 16 tile of f32: the unit in which the query and output blocks turn
+/// between rows of one query's head-dim values and rows of query lanes.
+type Square = [[f32; LANES]; LANES];
+
+/// `square`'s transpose: with AVX-512 in 64 register shuffles (element by
+/// element, the strided stores took ~5 % of a 780-token attention).
+#[inline(always)]
+fn transpose(square: &Square) -> Square {
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx512f") {
+        // SAFETY: the CPU has AVX-512F, the one feature the function enables.
+        return unsafe { transpose_avx512(square) };
+    }
+    let mut out = [[0f32; LANES]; LANES];
+    for (r, row) in square.iter().enumerate() {
+        for (c, x) in row.iter().enumerate() {
+            out[c][r] = *x;
+        }
+    }
+    out
+}
+
+/// [`transpose`] in AVX-512 registers: pairs of rows interleaved by 32 then
+/// by 64 bits leave each 128-bit lane `L` of `u[4j + m]` holding column
+/// `4L + m` of rows `4j..4j + 4`; two rounds of 128-bit lane shuffles then
+/// gather those four pieces of each column.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn transpose_avx512(square: &Square) -> Square {
+    use std::arch::x86_64::{
+        __m512, _mm512_castpd_ps, _mm512_castps_pd, _mm512_loadu_ps, _mm512_shuffle_f32x4,
+        _mm512_storeu_ps, _mm512_unpackhi_pd, _mm512_unpackhi_ps, _mm512_unpacklo_pd,
+        _mm512_unpacklo_ps,
+    };
+    use std::array::from_fn;
+    // SAFETY: each row is 16 f32, one full vector.
+    let r: [__m512; LANES] = from_fn(|i| unsafe { _mm512_loadu_ps(square[i].as_ptr()) });
+    let t: [__m512; LANES] = from_fn(|i| {
+        let (a, b) = (r[i & !1], r[i | 1]);
+        if i % 2 == 0 { _mm512_unpacklo_ps(a, b) } else { _mm512_unpackhi_ps(a, b) }
+    });
+    let u: [__m512; LANES] = from_fn(|i| {
+        let (j, m) = (i / 4 * 4, i % 4);
+        let (a, b) = (_mm512_castps_pd(t[j + m / 2]), _mm512_castps_pd(t[j + m / 2 + 2]));
+        _mm512_castpd_ps(if m % 2 == 0 { _mm512_unpacklo_pd(a, b) } else { _mm512_unpackhi_pd(a, b) })
+    });
+    // w[h][j][m]: 128-bit lanes (0, 2) (h = 0) or (1, 3) (h = 1) of u[4j + m]
+    // and u[4j + 4 + m], rows 8j..8j + 8.
+    let w: [[[__m512; 4]; 2]; 2] = from_fn(|h| {
+        from_fn(|j| {
+            from_fn(|m| {
+                let (a, b) = (u[8 * j + m], u[8 * j + 4 + m]);
+                if h == 0 { _mm512_shuffle_f32x4::<0x88>(a, b) } else { _mm512_shuffle_f32x4::<0xdd>(a, b) }
+            })
+        })
+    });
+    let mut out = [[0f32; LANES]; LANES];
+    for (c, row) in out.iter_mut().enumerate() {
+        // Column c = 4L + m sits in 128-bit lane L: L = 0, 2 in w[0], 1, 3 in w[1].
+        let (lane, m) = (c / 4, c % 4);
+        let (a, b) = (w[lane % 2][0][m], w[lane % 2][1][m]);
+        let column = if lane < 2 {
+            _mm512_shuffle_f32x4::<0x88>(a, b)
+        } else {
+            _mm512_shuffle_f32x4::<0xdd>(a, b)
+        };
+        // SAFETY: `row` is 16 f32, one full vector.
+        unsafe { _mm512_storeu_ps(row.as_mut_ptr(), column) };
+    }
+    out
 }
 
 /// One step of the online softmax for a panel's key tile of scores
 /// `[keys][width]` (queries across), whose first `hidden(key)` lanes in row
 /// `key` are masked: updates each query's running maximum and sum
 /// (`stats`), replaces the scores with their weights `exp(s − max)` (0 where
-/// masked) and rescales the panel's accumulated outputs `[D][width]` where a
-/// maximum grew. `FMA`: whether multiply-adds fuse.
+/// masked) and returns by how much each query's accumulated output shrinks
+/// (`exp(old max − new max)`, 1 where its maximum stayed). `FMA`: whether
+/// multiply-adds fuse.
+///
+/// One vector of lanes at a time, its statistics in fixed-size arrays the
+/// compiler keeps in registers, the mask a lane-index comparison (a slice
+/// starting at a varying lane compiled to half-width masked stores).
 #[inline(always)]
 fn online_softmax<const FMA: bool>(
     scores: &mut [f32],
     width: usize,
     hidden: impl Fn(usize) -> usize,
     (row_max, row_sum): (&mut [f32], &mut [f32]),
-    outputs: &mut [f32],
-) {
-    let mut max = [f32::NEG_INFINITY; PANEL];
-    let max = &mut max[..width];
-    max.copy_from_slice(row_max);
-    for (key, row) in scores.chunks_exact_mut(width).enumerate() {
-        let seen = hidden(key);
-        for (m, &x) in max[seen..].iter_mut().zip(&row[seen..]) {
-            *m = if x > *m { x } else { *m };
-        }
-    }
-    // A query that sees no key yet keeps −∞: its weights are 0 (below) and
-    // exp(−∞ − 0) leaves its all-zero output and sum as they are.
+) -> [f32; PANEL] {
     let mut rescale = [1f32; PANEL];
-    let rescale = &mut rescale[..width];
-    for ((r, old), new) in rescale
-        .iter_mut()
-        .zip(row_max.iter_mut())
-        .zip(max.iter_mut())
-    {
-        let reference = if *new == f32::NEG_INFINITY { 0.0 } else { *new };
-        *r = exp::<FMA>(*old - reference);
-        *old = *new;
-        *new = reference;
-    }
-    let mut sum = [0f32; PANEL];
-    let sum = &mut sum[..width];
-    for (key, row) in scores.chunks_exact_mut(width).enumerate() {
-        let seen = hidden(key);
-        row[..seen].fill(0.0);
-        let lanes = row[seen..].iter_mut().zip(&mut sum[seen..]);
-        for ((x, s), m) in lanes.zip(&max[seen..]) {
-            *x = exp::<FMA>(*x - m);
-            *s += *x;
+    for first in (0..width).step_by(LANES) {
+        let hidden = |key: usize| hidden(key).saturating_sub(first);
+        let vector = |key: usize| key * width + first..key * width + first + LANES;
+        let keys = 0..scores.len() / width;
+        let old: [f32; LANES] = lanes(&row_max[first..]);
+        // Four running maxima, every fourth key each: one would wait for the
+        // previous key's comparison at every key.
+        let mut maxima = [old; 4];
+        let update = |max: &mut [f32; LANES], key: usize| {
+            let (row, seen): ([f32; LANES], _) = (lanes(&scores[vector(key)]), hidden(key));
+            for (lane, (m, x)) in max.iter_mut().zip(row).enumerate() {
+                *m = if lane >= seen && x > *m { x } else { *m };
+            }
+        };
+        let whole = keys.end - keys.end % 4;
+        for key in (0..whole).step_by(4) {
+            for (offset, max) in maxima.iter_mut().enumerate() {
+                update(max, key + offset);
+            }
+        }
+        for key in whole..keys.end {
+            update(&mut maxima[0], key);
+        }
+        let max = maxima.into_iter().reduce(|a, b| {
+            std::array::from_fn(|lane| if b[lane] > a[lane] { b[lane] } else { a[lane] })
+        });
+        let max = max.expect("four maxima");
+        // A query that sees no key yet keeps −∞: its weights are 0 (below)
+        // and exp(−∞ − 0) leaves its all-zero output and sum as they are.
+        let reference = max.map(|m| if m == f32::NEG_INFINITY { 0.0 } else { m });
+        for lane in 0..LANES {
+            rescale[first + lane] = exp::<FMA>(old[lane] - reference[lane]);
+        }
+        row_max[first..first + LANES].copy_from_slice(&max);
+        let mut sum = [0f32; LANES];
+        for key in keys {
+            let seen = hidden(key);
+            let row = &mut scores[vector(key)];
+            for (lane, (x, s)) in row.iter_mut().zip(&mut sum).enumerate() {
+                let weight = exp::<FMA>(*x - reference[lane]);
+                *x = if lane >= seen { weight } else { 0.0 };
+                *s += *x;
+            }
+        }
+        for (lane, s) in sum.iter().enumerate() {
+            let l = &mut row_sum[first + lane];
+            *l = *l * rescale[first + lane] + s;
         }
     }
-    for ((l, s), r) in row_sum.iter_mut().zip(sum.iter()).zip(rescale.iter()) {
-        *l = *l * r + s;
-    }
-    // Most tiles past the first leave every maximum where it was.
-    if rescale.iter().any(|&r| r != 1.0) {
-        for row in outputs.chunks_exact_mut(width) {
-            row.iter_mut()
-                .zip(rescale.iter())
-                .for_each(|(o, r)| *o *= r);
-        }
-    }
+    rescale
+}
+
+/// The first vector of lanes of `values`.
+#[inline(always)]
+fn lanes(values: &[f32]) -> [f32; LANES] {
+    values[..LANES].try_into().expect("a whole vector")
 }
 
 /// `a·b + c`, rounded once where `FMA` (the CPU has the instruction),
@@ -566,9 +691,11 @@ fn mul_add<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
 }
 
 /// `eˣ` for `x ≤ 0` (as the softmax needs), within 2 ulp, branch-free so the
-/// loops over a row vectorise: `x = n·ln 2 + r`, `eˣ = 2ⁿ·eʳ` with a degree-6
-/// polynomial for `eʳ` on `|r| ≤ ln 2 / 2` (Cephes' expf). Below the smallest
-/// normal result it returns about 1e-38 rather than 0, `-inf` included.
+/// loops over a row vectorise: `x = n·ln 2 + r`, `eˣ = 2ⁿ·eʳ` with Cephes'
+/// expf polynomial for `eʳ` on `|r| ≤ ln 2 / 2`, in Horner form to the
+/// constant term (one operation fewer than `1 + r + r²·p(r)`). Below the
+/// smallest normal result it returns about 1e-38 rather than 0, `-inf`
+/// included.
 #[inline(always)]
 fn exp<const FMA: bool>(x: f32) -> f32 {
     const LOG2_E: f32 = std::f32::consts::LOG2_E;
@@ -587,7 +714,8 @@ fn exp<const FMA: bool>(x: f32) -> f32 {
     let p = fma(p, r, 4.166_579_6e-2);
     let p = fma(p, r, 1.666_666_5e-1);
     let p = fma(p, r, 0.5);
-    let e_r = fma(p, r * r, r + 1.0);
+    let p = fma(p, r, 1.0);
+    let e_r = fma(p, r, 1.0);
     // 2ⁿ from n's bits: the integer sits in `shifted`'s mantissa.
     let n_bits = shifted.to_bits().wrapping_sub(ROUND.to_bits());
     e_r * f32::from_bits(n_bits.wrapping_add(127) << 23)
@@ -633,7 +761,17 @@ impl<'a> Broadcast<'a> {
     }
 }
 
-/// `c = a·b` (`accumulate`: `c += a·b`) for `c` `[rows][width]`, `a`
+/// Where a [`product`]'s accumulators start.
+#[derive(Clone, Copy)]
+enum Start<'a> {
+    /// `c = a·b`.
+    Zero,
+    /// `c = c·scale + a·b`, `scale` per lane: the online softmax's rescale
+    /// of the outputs, applied as the register block loads them.
+    Scaled(&'a [f32]),
+}
+
+/// `c = a·b` (or as [`Start`] says) for `c` `[rows][width]`, `a`
 /// `[rows, depth]` and `b` `[depth][width]`, row-major with `width` (at most
 /// a [`PANEL`], whole vectors) query lanes: register blocks of [`BLOCK_ROWS`]
 /// rows × the panel, each running over the whole depth.
@@ -643,13 +781,13 @@ fn product<const FMA: bool>(
     a: Broadcast,
     b: &[f32],
     (rows, depth, width): (usize, usize, usize),
-    accumulate: bool,
+    start: Start,
 ) {
     if width == PANEL {
-        product_strip::<PANEL_VECTORS, FMA>(c, a, b, (rows, depth, width), accumulate, 0);
+        product_strip::<PANEL_VECTORS, FMA>(c, a, b, (rows, depth, width), start, 0);
     } else {
         for first_lane in (0..width).step_by(LANES) {
-            product_strip::<1, FMA>(c, a, b, (rows, depth, width), accumulate, first_lane);
+            product_strip::<1, FMA>(c, a, b, (rows, depth, width), start, first_lane);
         }
     }
 }
@@ -661,22 +799,38 @@ fn product_strip<const VECTORS: usize, const FMA: bool>(
     a: Broadcast,
     b: &[f32],
     (rows, depth, width): (usize, usize, usize),
-    accumulate: bool,
+    start: Start,
     first_lane: usize,
 ) {
+    let start = match start {
+        Start::Scaled(scale) => Start::Scaled(&scale[first_lane..]),
+        Start::Zero => Start::Zero,
+    };
     let block = |row: usize| Block {
         ldc: width,
         b: &b[first_lane..],
         a: a.skip_rows(row),
         depth,
-        accumulate,
+        start,
     };
+    let c_from = |row: usize| row * width + first_lane;
     let full = rows - rows % BLOCK_ROWS;
     for row in (0..full).step_by(BLOCK_ROWS) {
-        block(row).run::<BLOCK_ROWS, VECTORS, FMA>(&mut c[row * width + first_lane..]);
+        block(row).run::<BLOCK_ROWS, VECTORS, FMA>(&mut c[c_from(row)..]);
     }
-    for row in full..rows {
-        block(row).run::<1, VECTORS, FMA>(&mut c[row * width + first_lane..]);
+    // The rest in blocks of 4, 2 and 1 rows (single rows are bound by their
+    // loads: a broadcast and VECTORS loads of `b` for VECTORS multiply-adds).
+    let mut row = full;
+    if rows - row >= 4 {
+        block(row).run::<4, VECTORS, FMA>(&mut c[c_from(row)..]);
+        row += 4;
+    }
+    if rows - row >= 2 {
+        block(row).run::<2, VECTORS, FMA>(&mut c[c_from(row)..]);
+        row += 2;
+    }
+    if row < rows {
+        block(row).run::<1, VECTORS, FMA>(&mut c[c_from(row)..]);
     }
 }
 
@@ -687,7 +841,8 @@ struct Block<'a> {
     a: Broadcast<'a>,
     b: &'a [f32],
     depth: usize,
-    accumulate: bool,
+    /// Its lanes' scales when [`Start::Scaled`].
+    start: Start<'a>,
 }
 
 impl Block<'_> {
@@ -705,6 +860,9 @@ impl Block<'_> {
         assert!((ROWS - 1) * ldc + lanes <= c.len());
         assert!((self.depth - 1) * ldc + lanes <= self.b.len());
         assert!((ROWS - 1) * a.row_stride + (self.depth - 1) * a.depth_stride < a.data.len());
+        if let Start::Scaled(scale) = self.start {
+            assert!(lanes <= scale.len());
+        }
         #[cfg(target_arch = "x86_64")]
         if is_x86_feature_detected!("avx512f") {
             // SAFETY: the CPU has AVX-512F, the one feature the function
@@ -723,32 +881,46 @@ impl Block<'_> {
     #[target_feature(enable = "avx512f")]
     unsafe fn run_avx512<const ROWS: usize, const VECTORS: usize>(&self, c: &mut [f32]) {
         use std::arch::x86_64::{__m512, _mm512_fmadd_ps, _mm512_loadu_ps, _mm512_set1_ps};
-        use std::arch::x86_64::{_mm512_setzero_ps, _mm512_storeu_ps};
+        use std::arch::x86_64::{_mm512_mul_ps, _mm512_setzero_ps, _mm512_storeu_ps};
         let (ldc, a) = (self.ldc, self.a);
         let (a_ptr, b_ptr, c_ptr) = (a.data.as_ptr(), self.b.as_ptr(), c.as_mut_ptr());
         let mut acc = [[_mm512_setzero_ps(); VECTORS]; ROWS];
-        if self.accumulate {
+        if let Start::Scaled(scale) = self.start {
+            // SAFETY: (v + 1)·LANES ≤ scale.len() (the caller's bounds).
+            let scale: [__m512; VECTORS] =
+                std::array::from_fn(|v| unsafe { _mm512_loadu_ps(scale.as_ptr().add(v * LANES)) });
             for (r, acc) in acc.iter_mut().enumerate() {
                 for (v, acc) in acc.iter_mut().enumerate() {
                     // SAFETY: r·ldc + (v + 1)·LANES ≤ c.len() (the caller's bounds).
-                    *acc = unsafe { _mm512_loadu_ps(c_ptr.add(r * ldc + v * LANES)) };
+                    let c = unsafe { _mm512_loadu_ps(c_ptr.add(r * ldc + v * LANES)) };
+                    *acc = _mm512_mul_ps(c, scale[v]);
                 }
             }
         }
-        for k in 0..self.depth {
+        // One pointer per operand moving along the depth, and the rows'
+        // offsets from it fixed (kept in registers: address arithmetic per
+        // step competes with the multiply-adds for their ports).
+        // (Opaque to the compiler, which would otherwise step from one row's
+        // offset to the next with an add per row and step.)
+        let rows: [usize; ROWS] = std::hint::black_box(std::array::from_fn(|r| r * a.row_stride));
+        let (mut a_at, mut b_at) = (a_ptr, b_ptr);
+        for _ in 0..self.depth {
             let mut b_row = [_mm512_setzero_ps(); VECTORS];
             for (v, b) in b_row.iter_mut().enumerate() {
-                // SAFETY: k·ldc + (v + 1)·LANES ≤ b.len() (the caller's bounds).
-                *b = unsafe { _mm512_loadu_ps(b_ptr.add(k * ldc + v * LANES)) };
+                // SAFETY: k·ldc + (v + 1)·LANES ≤ b.len() at step k (the caller's bounds).
+                *b = unsafe { _mm512_loadu_ps(b_at.add(v * LANES)) };
             }
-            for (r, acc) in acc.iter_mut().enumerate() {
-                // SAFETY: r·row_stride + k·depth_stride < a.data.len() (the caller's bounds).
-                let x = unsafe { *a_ptr.add(r * a.row_stride + k * a.depth_stride) };
-                let x: __m512 = _mm512_set1_ps(x);
+            for (acc, row) in acc.iter_mut().zip(rows) {
+                // SAFETY: r·row_stride + k·depth_stride < a.data.len() at step k (the caller's bounds).
+                let x: __m512 = _mm512_set1_ps(unsafe { *a_at.add(row) });
                 for (acc, b) in acc.iter_mut().zip(&b_row) {
                     *acc = _mm512_fmadd_ps(x, *b, *acc);
                 }
             }
+            // Past the last step these point one step beyond the operands,
+            // never read.
+            a_at = a_at.wrapping_add(a.depth_stride);
+            b_at = b_at.wrapping_add(ldc);
         }
         for (r, acc) in acc.iter().enumerate() {
             for (v, acc) in acc.iter().enumerate() {
@@ -766,10 +938,14 @@ impl Block<'_> {
     ) {
         let (ldc, a) = (self.ldc, self.a);
         let mut acc = [[[0f32; LANES]; VECTORS]; ROWS];
-        if self.accumulate {
+        if let Start::Scaled(scale) = self.start {
             for (r, acc) in acc.iter_mut().enumerate() {
                 for (v, acc) in acc.iter_mut().enumerate() {
-                    acc.copy_from_slice(&c[r * ldc + v * LANES..][..LANES]);
+                    let c = &c[r * ldc + v * LANES..][..LANES];
+                    let scale = &scale[v * LANES..][..LANES];
+                    for ((o, c), scale) in acc.iter_mut().zip(c).zip(scale) {
+                        *o = c * scale;
+                    }
                 }
             }
         }
@@ -945,6 +1121,42 @@ mod tests {
         }
         // 3120 tokens: 13 blocks of 240, none short.
         assert_eq!(block_queries(3120, 1), 240);
+    }
+
+    #[test]
+    fn head_dims_past_whole_vectors_and_key_tiles_past_whole_blocks() {
+        // D = 20: a 16-column square and 4 columns on their own, in the
+        // query and output transposes and the values' product; 300 keys:
+        // tiles of 104, 104 and 92 = 11 blocks of 8 and one of 4 rows.
+        let q = randn((1, 3, 70, 20));
+        let (k, v) = (randn((1, 3, 300, 20)), randn((1, 3, 300, 20)));
+        for mask in [Mask::None, Mask::Causal] {
+            assert!(relative_gap(&q, &k, &v, mask) < 1e-5);
+        }
+    }
+
+    #[test]
+    fn key_tiles_are_equal_and_whole_blocks() {
+        assert_eq!(key_tile(780), 112);
+        assert_eq!(key_tile(3120), KEY_TILE);
+        assert_eq!(key_tile(300), 104);
+        for keys in [1, 7, 8, 127, 128, 129, 300, 780, 3120, 4001] {
+            let tile = key_tile(keys);
+            assert!(tile <= KEY_TILE && tile > 0, "{keys}");
+            // as many tiles as KEY_TILE-wide ones would need, none empty
+            assert_eq!(keys.div_ceil(tile), keys.div_ceil(KEY_TILE), "{keys}");
+        }
+    }
+
+    #[test]
+    fn squares_transpose() {
+        let square: Square = std::array::from_fn(|r| std::array::from_fn(|c| (r * 16 + c) as f32));
+        let transposed = transpose(&square);
+        for (r, row) in square.iter().enumerate() {
+            for (c, x) in row.iter().enumerate() {
+                assert_eq!(transposed[c][r], *x, "({r}, {c})");
+            }
+        }
     }
 
     #[test]
