@@ -81,7 +81,7 @@ fn heads_fit(q: &[usize], kv: &[usize]) -> bool {
 /// f32 elements [`tiled_attention`] holds besides its inputs and output for
 /// `rows` (batch × heads) of `queries` attending to `keys` of `head_dim`: per
 /// busy worker the transposed query and output blocks, one panel's scores,
-/// widened key and value tiles, the per-query statistics and an output row.
+/// widened key and value tiles and the per-query statistics.
 pub(crate) fn scratch_elems(rows: usize, queries: usize, keys: usize, head_dim: usize) -> usize {
     // Bounds whatever the group size: a task holds at most QUERY_TILE lanes
     // and the queries of at most all the rows, and no more tasks run than
@@ -92,8 +92,7 @@ pub(crate) fn scratch_elems(rows: usize, queries: usize, keys: usize, head_dim: 
     let per_worker = 2 * lanes * head_dim
         + width * PANEL.min(lanes)
         + 2 * width * head_dim
-        + 2 * lanes
-        + head_dim;
+        + 2 * lanes;
     workers().min(tasks) * per_worker
 }
 
@@ -1105,7 +1104,7 @@ mod tests {
         // (one query takes a vector of lanes)
         assert_eq!(
             scratch_elems(1, 1, 5, 8),
-            2 * 16 * 8 + 5 * 16 + 2 * 5 * 8 + 2 * 16 + 8
+            2 * 16 * 8 + 5 * 16 + 2 * 5 * 8 + 2 * 16
         );
     }
 
