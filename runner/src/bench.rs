@@ -260,6 +260,9 @@ fn timed_fastest(
     let mut out = None;
     timed(row, device, || {
         for _ in 0..repeat.max(1) {
+            // The previous run's result is freed first, as the reference's
+            // is: kept alive, every run's output needed fresh pages.
+            out = None;
             let start = Instant::now();
             let y = f()?;
             device.synchronize()?;
