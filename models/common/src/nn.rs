@@ -386,9 +386,9 @@ mod tests {
         let wan_480p = attention_score_elems(&cpu, 12, 32_760, 32_760, 128, true);
         assert_eq!(wan_480p, 12 * 170 * 32_760);
         assert!(wan_480p <= 64 << 20);
-        // Without one the CPU holds tiles only: the same at 780 and 32 760 tokens.
+        // Without one the CPU holds tiles only: the same at 3120 and 32 760 tokens.
         let tiles = attention_score_elems(&cpu, 12, 32_760, 32_760, 128, false);
-        assert_eq!(tiles, attention_score_elems(&cpu, 12, 780, 780, 128, false));
+        assert_eq!(tiles, attention_score_elems(&cpu, 12, 3120, 3120, 128, false));
         assert!(tiles < wan_480p / 100);
     }
 

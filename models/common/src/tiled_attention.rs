@@ -87,12 +87,14 @@ pub(crate) fn scratch_elems(rows: usize, queries: usize, keys: usize, head_dim: 
     // and the queries of at most all the rows, and no more tasks run than
     // if every head had its own keys.
     let lanes = QUERY_TILE.min(queries * rows).next_multiple_of(LANES);
-    let width = KEY_TILE.min(keys);
+    let width = key_tile(keys);
     let tasks = rows * queries.div_ceil(block_queries(queries, 1));
+    // (the first five from a 64-byte boundary: up to LANES − 1 more each)
     let per_worker = 2 * lanes * head_dim
-        + width * PANEL.min(lanes)
+        + width * PANEL
         + 2 * width * head_dim
-        + 2 * lanes;
+        + 2 * lanes
+        + 5 * (LANES - 1);
     workers().min(tasks) * per_worker
 }
 
@@ -388,16 +390,15 @@ fn attend_tile_with<T: Element, const FMA: bool>(
 ) {
     let (d, n, group) = (shape.head_dim, tile.n, shape.group);
     let lanes = (n * group).next_multiple_of(LANES);
-    transpose_queries(shape, tile, lanes, scale, &mut s.queries);
-    s.outputs.clear();
-    s.outputs.resize(d * lanes, 0.0);
-    s.row_max.clear();
-    s.row_max.resize(lanes, f32::NEG_INFINITY);
-    s.row_sum.clear();
-    s.row_sum.resize(lanes, 0.0);
     // Causal: keys past the last query's horizon are masked for the whole block.
     let keys = shape.visible_keys(tile.first + n - 1);
     let key_tile = key_tile(keys);
+    let queries = aligned(&mut s.queries, d * lanes, 0.0);
+    transpose_queries(shape, tile, lanes, scale, queries);
+    let outputs = aligned(&mut s.outputs, d * lanes, 0.0);
+    let row_max = aligned(&mut s.row_max, lanes, f32::NEG_INFINITY);
+    let row_sum = aligned(&mut s.row_sum, lanes, 0.0);
+    let all_scores = aligned(&mut s.scores, key_tile * PANEL, 0.0);
     for first_key in (0..keys).step_by(key_tile) {
         let tile_keys = first_key..keys.min(first_key + key_tile);
         let kv = tile_keys.start * d..tile_keys.end * d;
@@ -412,16 +413,16 @@ fn attend_tile_with<T: Element, const FMA: bool>(
             };
             let panel = first_lane * d..(first_lane + width) * d;
             let lanes = first_lane..first_lane + width;
-            s.scores.resize(width_k * width, 0.0);
+            let scores = &mut all_scores[..width_k * width];
             // Sᵀ = K·(scale·Q)ᵀ: [keys, D] × [D, width].
             product::<FMA>(
-                &mut s.scores,
+                scores,
                 Broadcast::rows(k, d),
-                &s.queries[panel.clone()],
+                &queries[panel.clone()],
                 (width_k, d, width),
                 Start::Zero,
             );
-            let stats = (&mut s.row_max[lanes.clone()], &mut s.row_sum[lanes]);
+            let stats = (&mut row_max[lanes.clone()], &mut row_sum[lanes]);
             let rescale = if shape.causal {
                 // Query `first + i` sees key `key` from i = `key − past − first` on.
                 let hidden = |key: usize| {
@@ -429,21 +430,32 @@ fn attend_tile_with<T: Element, const FMA: bool>(
                         .saturating_sub(first_lane)
                         .min(width)
                 };
-                online_softmax::<FMA>(&mut s.scores, width, hidden, stats)
+                online_softmax::<FMA>(scores, width, hidden, stats)
             } else {
-                online_softmax::<FMA>(&mut s.scores, width, |_| 0, stats)
+                online_softmax::<FMA>(scores, width, |_| 0, stats)
             };
             // Oᵀ = Oᵀ·rescale + Vᵀ·P: [D, keys] × [keys, width].
             product::<FMA>(
-                &mut s.outputs[panel],
+                &mut outputs[panel],
                 Broadcast::cols(v, d),
-                &s.scores,
+                scores,
                 (d, width_k, width),
                 Start::Scaled(&rescale[..width]),
             );
         }
     }
-    normalise_into(s, d, n * group, out);
+    normalise_into((outputs, row_sum), d, n * group, out);
+}
+
+/// `buffer` holding `len` values `fill` from a 64-byte boundary on: the
+/// part from there. Vector loads and stores that straddle two cache lines
+/// cost two, and the allocator aligns to 16 bytes only: which offset a run
+/// got changed the attention's time by a tenth from one binary to another.
+fn aligned(buffer: &mut Vec<f32>, len: usize, fill: f32) -> &mut [f32] {
+    buffer.clear();
+    buffer.resize(len + LANES - 1, fill);
+    let skip = buffer.as_ptr().align_offset(4 * LANES).min(LANES - 1);
+    &mut buffer[skip..][..len]
 }
 
 /// Keys per tile for `keys` keys: equal tiles of at most [`KEY_TILE`], whole
@@ -463,19 +475,17 @@ fn panels(lanes: usize) -> impl Iterator<Item = (usize, usize)> {
         .map(move |first| (first, PANEL.min(lanes - first)))
 }
 
-/// `scale·qᵀ` for the block's queries into `lanes` lanes (zero past them),
-/// panel after panel.
+/// `scale·qᵀ` for the block's queries into `lanes` lanes of `dst` (zeroed:
+/// the lanes past them stay zero), panel after panel.
 #[inline(always)]
 fn transpose_queries<T: Element>(
     shape: &Shape,
     tile: &QueryTile<T>,
     lanes: usize,
     scale: f32,
-    dst: &mut Vec<f32>,
+    dst: &mut [f32],
 ) {
     let (d, group) = (shape.head_dim, shape.group);
-    dst.clear();
-    dst.resize(d * lanes, 0.0);
     let query_row = |lane: usize| {
         let (query, head) = (lane / group, lane % group);
         &tile.q[(head * shape.queries + tile.first + query) * d..][..d]
@@ -504,13 +514,18 @@ fn transpose_queries<T: Element>(
 /// `out[head][query] = O / l` for the `real` lanes of the transposed
 /// accumulator, narrowed.
 #[inline(always)]
-fn normalise_into<T: Element>(s: &mut Scratch, d: usize, real: usize, out: &mut [&mut [T]]) {
-    let (lanes, group) = (s.row_sum.len(), out.len());
+fn normalise_into<T: Element>(
+    (outputs, row_sum): (&[f32], &[f32]),
+    d: usize,
+    real: usize,
+    out: &mut [&mut [T]],
+) {
+    let (lanes, group) = (row_sum.len(), out.len());
     for (first_lane, width) in panels(lanes) {
-        let panel = &s.outputs[first_lane * d..][..d * width];
+        let panel = &outputs[first_lane * d..][..d * width];
         let real = real.saturating_sub(first_lane).min(width);
         for vector in (0..real).step_by(LANES) {
-            let sums = &s.row_sum[first_lane + vector..][..LANES];
+            let sums = &row_sum[first_lane + vector..][..LANES];
             let inverse: [f32; LANES] = std::array::from_fn(|lane| 1.0 / sums[lane]);
             let mut square = [[0f32; LANES]; LANES];
             for column in (0..d).step_by(LANES) {
@@ -1104,14 +1119,16 @@ mod tests {
     #[test]
     fn scratch_grows_with_workers_not_tokens() {
         let at = |tokens| scratch_elems(12, tokens, tokens, 128);
-        assert_eq!(at(780), at(3120));
+        assert_eq!(at(3120), at(32_760));
+        // (780 keys: tiles of 112)
+        assert!(at(780) < at(3120));
         // one worker's tiles: far below the 3120² scores of one head
         assert!(at(3120) / workers() < 3120 * 3120 / 50);
         // a single short query: tiles no larger than the problem
         // (one query takes a vector of lanes)
         assert_eq!(
             scratch_elems(1, 1, 5, 8),
-            2 * 16 * 8 + 5 * 16 + 2 * 5 * 8 + 2 * 16
+            2 * 16 * 8 + 8 * PANEL + 2 * 8 * 8 + 2 * 16 + 5 * 15
         );
     }
 

@@ -381,11 +381,12 @@ impl Admission {
 /// for lengths of at least a block and more blocks than workers: per worker
 /// the transposed query and output blocks (240 query lanes × head dim
 /// each), one 48-query panel's 128-key scores, the key and value tiles (128
-/// × head dim each) and two statistics per query.
+/// × head dim each) and two statistics per query, five of them from a
+/// 64-byte boundary (15 more each).
 #[cfg(test)]
 fn tiled_scratch_by_hand(head_dim: u64) -> u64 {
     let workers = candle_core::utils::get_num_threads() as u64;
-    workers * (2 * 240 * head_dim + 128 * 48 + 2 * 128 * head_dim + 2 * 240)
+    workers * (2 * 240 * head_dim + 128 * 48 + 2 * 128 * head_dim + 2 * 240 + 5 * 15)
 }
 
 #[cfg(test)]
