@@ -388,7 +388,10 @@ mod tests {
         assert!(wan_480p <= 64 << 20);
         // Without one the CPU holds tiles only: the same at 3120 and 32 760 tokens.
         let tiles = attention_score_elems(&cpu, 12, 32_760, 32_760, 128, false);
-        assert_eq!(tiles, attention_score_elems(&cpu, 12, 3120, 3120, 128, false));
+        assert_eq!(
+            tiles,
+            attention_score_elems(&cpu, 12, 3120, 3120, 128, false)
+        );
         assert!(tiles < wan_480p / 100);
     }
 

@@ -90,11 +90,8 @@ pub(crate) fn scratch_elems(rows: usize, queries: usize, keys: usize, head_dim: 
     let width = key_tile(keys);
     let tasks = rows * queries.div_ceil(block_queries(queries, 1));
     // (the first five from a 64-byte boundary: up to LANES − 1 more each)
-    let per_worker = 2 * lanes * head_dim
-        + width * PANEL
-        + 2 * width * head_dim
-        + 2 * lanes
-        + 5 * (LANES - 1);
+    let per_worker =
+        2 * lanes * head_dim + width * PANEL + 2 * width * head_dim + 2 * lanes + 5 * (LANES - 1);
     workers().min(tasks) * per_worker
 }
 
@@ -464,7 +461,9 @@ fn aligned(buffer: &mut Vec<f32>, len: usize, fill: f32) -> &mut [f32] {
 /// mostly in single-row blocks and reload the outputs for a few keys).
 fn key_tile(keys: usize) -> usize {
     let tiles = keys.div_ceil(KEY_TILE).max(1);
-    keys.div_ceil(tiles).next_multiple_of(BLOCK_ROWS).min(KEY_TILE)
+    keys.div_ceil(tiles)
+        .next_multiple_of(BLOCK_ROWS)
+        .min(KEY_TILE)
 }
 
 /// The panels of `lanes` query lanes: `(first lane, width)`, whole panels
@@ -587,12 +586,23 @@ fn transpose_avx512(square: &Square) -> Square {
     let r: [__m512; LANES] = from_fn(|i| unsafe { _mm512_loadu_ps(square[i].as_ptr()) });
     let t: [__m512; LANES] = from_fn(|i| {
         let (a, b) = (r[i & !1], r[i | 1]);
-        if i % 2 == 0 { _mm512_unpacklo_ps(a, b) } else { _mm512_unpackhi_ps(a, b) }
+        if i % 2 == 0 {
+            _mm512_unpacklo_ps(a, b)
+        } else {
+            _mm512_unpackhi_ps(a, b)
+        }
     });
     let u: [__m512; LANES] = from_fn(|i| {
         let (j, m) = (i / 4 * 4, i % 4);
-        let (a, b) = (_mm512_castps_pd(t[j + m / 2]), _mm512_castps_pd(t[j + m / 2 + 2]));
-        _mm512_castpd_ps(if m % 2 == 0 { _mm512_unpacklo_pd(a, b) } else { _mm512_unpackhi_pd(a, b) })
+        let (a, b) = (
+            _mm512_castps_pd(t[j + m / 2]),
+            _mm512_castps_pd(t[j + m / 2 + 2]),
+        );
+        _mm512_castpd_ps(if m % 2 == 0 {
+            _mm512_unpacklo_pd(a, b)
+        } else {
+            _mm512_unpackhi_pd(a, b)
+        })
     });
     // w[h][j][m]: 128-bit lanes (0, 2) (h = 0) or (1, 3) (h = 1) of u[4j + m]
     // and u[4j + 4 + m], rows 8j..8j + 8.
@@ -600,7 +610,11 @@ fn transpose_avx512(square: &Square) -> Square {
         from_fn(|j| {
             from_fn(|m| {
                 let (a, b) = (u[8 * j + m], u[8 * j + 4 + m]);
-                if h == 0 { _mm512_shuffle_f32x4::<0x88>(a, b) } else { _mm512_shuffle_f32x4::<0xdd>(a, b) }
+                if h == 0 {
+                    _mm512_shuffle_f32x4::<0x88>(a, b)
+                } else {
+                    _mm512_shuffle_f32x4::<0xdd>(a, b)
+                }
             })
         })
     });
