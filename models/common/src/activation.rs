@@ -17,7 +17,9 @@
 
 use std::f32::consts::FRAC_1_SQRT_2;
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor};
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, DType, InplaceOp1, Layout, Result, Shape, Tensor,
+};
 use half::bf16;
 
 use crate::parallel::{for_each_block, widest_simd};
@@ -27,6 +29,19 @@ use crate::parallel::{for_each_block, widest_simd};
 pub fn gelu_tanh(x: &Tensor) -> Result<Tensor> {
     if runs_here(&[x]) {
         x.apply_op1_no_bwd(&Unary::GeluTanh)
+    } else {
+        x.gelu()
+    }
+}
+
+/// [`gelu_tanh`] of a tensor the caller owns alone (a layer's fresh output),
+/// computed in its own buffer on the CPU: an FFN's hidden states are its
+/// largest activation (3120 × 8960 f32 is 112 MB), and a second buffer of
+/// that size is new memory the kernel must hand out page by page.
+pub fn gelu_tanh_owned(x: Tensor) -> Result<Tensor> {
+    if runs_here(&[&x]) {
+        x.inplace_op1(&Unary::GeluTanh)?;
+        Ok(x)
     } else {
         x.gelu()
     }
@@ -98,6 +113,20 @@ impl CustomOp1 for Unary {
     }
 }
 
+impl InplaceOp1 for Unary {
+    fn name(&self) -> &'static str {
+        CustomOp1::name(self)
+    }
+
+    fn cpu_fwd(&self, storage: &mut CpuStorage, layout: &Layout) -> Result<()> {
+        match self {
+            Unary::GeluTanh => map_storage_in_place(storage, layout, gelu_tanh_f32),
+            Unary::GeluErf => map_storage_in_place(storage, layout, gelu_erf_f32),
+            Unary::Silu => map_storage_in_place(storage, layout, silu_f32),
+        }
+    }
+}
+
 struct SwiGlu;
 
 impl CustomOp2 for SwiGlu {
@@ -134,6 +163,13 @@ impl CustomOp2 for SwiGlu {
 pub(crate) fn contiguous<'a, T>(data: &'a [T], layout: &Layout) -> Result<&'a [T]> {
     match layout.contiguous_offsets() {
         Some((start, end)) => Ok(&data[start..end]),
+        None => candle_core::bail!("a contiguous tensor expected"),
+    }
+}
+
+fn contiguous_mut<'a, T>(data: &'a mut [T], layout: &Layout) -> Result<&'a mut [T]> {
+    match layout.contiguous_offsets() {
+        Some((start, end)) => Ok(&mut data[start..end]),
         None => candle_core::bail!("a contiguous tensor expected"),
     }
 }
@@ -179,6 +215,19 @@ fn map_storage(
     })
 }
 
+fn map_storage_in_place(
+    storage: &mut CpuStorage,
+    layout: &Layout,
+    f: impl Fn(f32) -> f32 + Sync,
+) -> Result<()> {
+    match storage {
+        CpuStorage::F32(x) => map_in_place(contiguous_mut(x, layout)?, f),
+        CpuStorage::BF16(x) => map_in_place(contiguous_mut(x, layout)?, f),
+        _ => candle_core::bail!("activation: f32 or bf16 input expected"),
+    }
+    Ok(())
+}
+
 /// `f` over every element, in one block per thread.
 fn map<E: Element>(x: &[E], f: impl Fn(f32) -> f32 + Sync) -> Vec<E> {
     let mut out = vec![E::default(); x.len()];
@@ -193,6 +242,20 @@ fn map<E: Element>(x: &[E], f: impl Fn(f32) -> f32 + Sync) -> Vec<E> {
         )
     });
     out
+}
+
+/// `f` over every element in place, in one block per thread.
+fn map_in_place<E: Element>(x: &mut [E], f: impl Fn(f32) -> f32 + Sync) {
+    for_each_block(x, MIN_BLOCK, 1, |_, block| {
+        widest_simd(
+            #[inline(always)]
+            || {
+                for y in block.iter_mut() {
+                    *y = E::from_f32(f(y.to_f32()));
+                }
+            },
+        )
+    });
 }
 
 /// `f` over every pair of elements, in one block per thread.
@@ -399,6 +462,22 @@ mod tests {
             got.to_vec1::<bf16>().unwrap(),
             want.to_vec1::<bf16>().unwrap()
         );
+    }
+
+    #[test]
+    fn gelu_in_place_is_gelu() {
+        let x = Tensor::new(inputs(3 * MIN_BLOCK + 3).as_slice(), &Device::Cpu).unwrap();
+        for dtype in [DType::F32, DType::BF16, DType::F64] {
+            let x = x.to_dtype(dtype).unwrap();
+            let want = gelu_tanh(&x).unwrap().to_dtype(DType::F64).unwrap();
+            let got = gelu_tanh_owned(x.copy().unwrap()).unwrap();
+            assert_eq!(got.dtype(), dtype);
+            assert_eq!(
+                got.to_dtype(DType::F64).unwrap().to_vec1::<f64>().unwrap(),
+                want.to_vec1::<f64>().unwrap(),
+                "{dtype:?}"
+            );
+        }
     }
 
     #[test]

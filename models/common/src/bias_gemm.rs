@@ -29,14 +29,23 @@ pub fn applies(x: &Tensor, weight: &Tensor, bias: &Tensor) -> bool {
 pub fn linear(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
     let (n, k) = weight.dims2()?;
     let m = x.elem_count() / k.max(1);
-    let mut out = vec![0f32; m * n];
+    // Written once, by the bias rows: no zeroing pass first.
+    let mut out = Vec::with_capacity(m * n);
     f32_slice(bias, |b| {
-        for_each_block(&mut out, MIN_BLOCK, n.max(1), |_, rows| {
-            for row in rows.chunks_exact_mut(n) {
-                row.copy_from_slice(b);
-            }
-        })
+        for_each_block(
+            &mut out.spare_capacity_mut()[..m * n],
+            MIN_BLOCK,
+            n.max(1),
+            |_, rows| {
+                for row in rows.chunks_exact_mut(n) {
+                    row.write_copy_of_slice(b);
+                }
+            },
+        )
     })?;
+    // SAFETY: every one of the m·n elements was just written (n > 0: the
+    // blocks are whole rows; n = 0: there are none).
+    unsafe { out.set_len(m * n) };
     if k > 0 && !out.is_empty() {
         f32_slice(x, |x| {
             f32_slice(weight, |w| accumulate(&mut out, x, w, m, n, k))

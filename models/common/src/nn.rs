@@ -116,6 +116,37 @@ impl RmsNorm {
             .to_dtype(dtype)?
             .broadcast_mul(&self.weight.to_dtype(dtype)?)
     }
+
+    /// The norm of `x` `[B, N, H·D]` over its last axis, split into `heads`
+    /// as attention takes them, `[B, H, N, D]` contiguous, and rotated by
+    /// RoPE on interleaved pairs when `rope` (`cos`, `sin` `[N, D/2]`, f32)
+    /// is given — in f32, cast back to `x`'s dtype (diffusers rotates in
+    /// f64 and casts back). f32 on the CPU runs as one pass
+    /// ([`rows::rms_norm_heads`]).
+    pub fn forward_heads(
+        &self,
+        x: &Tensor,
+        heads: usize,
+        rope: Option<(&Tensor, &Tensor)>,
+    ) -> Result<Tensor> {
+        if self.axis == Axis::Last && rows::applies(x) && self.weight.dtype() == DType::F32 {
+            return rows::rms_norm_heads(x, &self.weight, self.eps, heads, rope);
+        }
+        let (b, n, c) = x.dims3()?;
+        let split = self
+            .forward(x)?
+            .reshape((b, n, heads, c / heads.max(1)))?
+            .transpose(1, 2)?
+            .contiguous()?;
+        match rope {
+            Some((cos, sin)) => {
+                let dtype = split.dtype();
+                candle_nn::rotary_emb::rope_i(&split.to_dtype(DType::F32)?, cos, sin)?
+                    .to_dtype(dtype)
+            }
+            None => Ok(split),
+        }
+    }
 }
 
 /// Which keys each query of an [`attention`] may see.

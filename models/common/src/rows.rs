@@ -1,6 +1,7 @@
-//! Kernels over the last axis of contiguous f32 CPU tensors: RMS norm, layer
-//! norm followed by a per-channel product and sum (an affine norm, or a
-//! DiT's shift/scale modulation), and the gated residual `x + d · gate`.
+//! Kernels over the last axis of contiguous f32 CPU tensors: RMS norm (also
+//! written split into attention heads and rotated by RoPE), layer norm
+//! followed by a per-channel product and sum (an affine norm, or a DiT's
+//! shift/scale modulation), and the gated residual `x + d · gate`.
 //!
 //! candle's ops run each of these as four to ten passes over the tensor
 //! (squares, row means, broadcast products and sums), each allocating and
@@ -38,6 +39,118 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
             *o = v * inv * w;
         }
     })
+}
+
+/// [`rms_norm`] of `x` `[B, N, H·D]` written head-major, `[B, H, N, D]` (the
+/// layout attention takes), each head's interleaved pairs rotated by `rope`
+/// (`cos`, `sin` `[≥ N, D/2]`) as candle's `rope_i` does when given: the
+/// norm, the heads' transposing copy and the rotation in one pass that
+/// writes one tensor, instead of three passes each writing a fresh one. The
+/// same arithmetic in the same order as the three.
+pub fn rms_norm_heads(
+    x: &Tensor,
+    weight: &Tensor,
+    eps: f64,
+    heads: usize,
+    rope: Option<(&Tensor, &Tensor)>,
+) -> Result<Tensor> {
+    let cols = last_dim(x)?;
+    let (batch, tokens, _) = x.dims3()?;
+    if heads == 0 || !cols.is_multiple_of(heads) {
+        candle_core::bail!("{cols} columns do not split into {heads} heads");
+    }
+    let d = cols / heads;
+    let weight = Params::of(weight, cols, 1)?;
+    let rope = rope
+        .map(|tables| Rotation::of(tables, tokens, d))
+        .transpose()?;
+    let eps = eps as f32;
+    let mut out = vec![0f32; x.elem_count()];
+    f32_slice(x, |xs| {
+        let mut inv_rms = vec![0f32; batch * tokens];
+        for_each_block(&mut inv_rms, MIN_BLOCK / cols.max(1), 1, |first, block| {
+            widest_simd(
+                #[inline(always)]
+                || {
+                    for (i, inv) in block.iter_mut().enumerate() {
+                        let row = &xs[(first + i) * cols..][..cols];
+                        *inv = (sum_lanes(row, |v| v * v) / cols as f32 + eps)
+                            .sqrt()
+                            .recip();
+                    }
+                },
+            )
+        });
+        for_each_block(&mut out, MIN_BLOCK, d.max(1), |first, block| {
+            widest_simd(
+                #[inline(always)]
+                || {
+                    for (i, out_row) in block.chunks_exact_mut(d).enumerate() {
+                        // Output row (b, h, n) from columns h·D.. of input row (b, n).
+                        let r = first / d + i;
+                        let (b, h, n) = (r / tokens / heads, r / tokens % heads, r % tokens);
+                        let x_row = b * tokens + n;
+                        let src = &xs[x_row * cols + h * d..][..d];
+                        let w = &weight.row(0)[h * d..][..d];
+                        let inv = inv_rms[x_row];
+                        for ((o, &v), &w) in out_row.iter_mut().zip(src).zip(w) {
+                            *o = v * inv * w;
+                        }
+                        if let Some(rope) = &rope {
+                            rope.rotate(n, out_row);
+                        }
+                    }
+                },
+            )
+        });
+    })?;
+    Tensor::from_vec(out, (batch, heads, tokens, d), &Device::Cpu)
+}
+
+/// RoPE's angles per token, `[tokens, D/2]` cos and sin.
+struct Rotation {
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+    half: usize,
+}
+
+impl Rotation {
+    fn of((cos, sin): (&Tensor, &Tensor), tokens: usize, d: usize) -> Result<Self> {
+        let half = d / 2;
+        let fits = |t: &Tensor| {
+            t.rank() == 2 && t.dims()[0] >= tokens && t.dims()[1] == half && d.is_multiple_of(2)
+        };
+        if !fits(cos) || !fits(sin) {
+            candle_core::bail!(
+                "RoPE tables {:?} and {:?} do not fit {tokens} tokens of head dim {d}",
+                cos.shape(),
+                sin.shape()
+            );
+        }
+        let table = |t: &Tensor| -> Result<Vec<f32>> {
+            t.narrow(0, 0, tokens)?
+                .to_dtype(DType::F32)?
+                .flatten_all()?
+                .to_vec1()
+        };
+        Ok(Self {
+            cos: table(cos)?,
+            sin: table(sin)?,
+            half,
+        })
+    }
+
+    /// Rotates the pairs `(row[2i], row[2i+1])` of token `n` by its angles.
+    #[inline(always)]
+    fn rotate(&self, n: usize, row: &mut [f32]) {
+        let cos = &self.cos[n * self.half..][..self.half];
+        let sin = &self.sin[n * self.half..][..self.half];
+        for ((pair, &c), &s) in row.chunks_exact_mut(2).zip(cos).zip(sin) {
+            let (a, b) = (pair[0], pair[1]);
+            pair[0] = a * c - b * s;
+            pair[1] = a * s + b * c;
+        }
+    }
 }
 
 /// `(x − mean) · (var + eps)^-½ · mul + add` over the last axis (mean and
@@ -251,6 +364,53 @@ mod tests {
             let got = rms_norm(&x, &w, 1e-6).unwrap();
             assert!(max_abs_diff(&got, &want) < TOL, "{dims:?}");
         }
+    }
+
+    /// Exactly the three passes it replaces: [`rms_norm`], the heads'
+    /// transposing copy and candle's `rope_i` (longer tables than tokens, as
+    /// a RoPE cache holds); heads of 2 and 128 values, one and several thread
+    /// blocks.
+    #[test]
+    fn rms_norm_heads_equals_norm_split_rotate() {
+        for (batch, tokens, heads, d) in [(1, 3, 2, 2), (2, 5, 3, 8), (1, 300, 12, 128)] {
+            let cols = heads * d;
+            let x = randn(&[batch, tokens, cols], 3.0);
+            let w = (randn(&[cols], 0.3) + 1.0).unwrap();
+            let cos = randn(&[tokens + 4, d / 2], 1.0);
+            let sin = randn(&[tokens + 4, d / 2], 1.0);
+            let split = rms_norm(&x, &w, 1e-6)
+                .unwrap()
+                .reshape((batch, tokens, heads, d))
+                .unwrap()
+                .transpose(1, 2)
+                .unwrap()
+                .contiguous()
+                .unwrap();
+            let rotated = candle_nn::rotary_emb::rope_i(
+                &split,
+                &cos.narrow(0, 0, tokens).unwrap(),
+                &sin.narrow(0, 0, tokens).unwrap(),
+            )
+            .unwrap();
+            let plain = rms_norm_heads(&x, &w, 1e-6, heads, None).unwrap();
+            assert_eq!(plain.dims(), &[batch, heads, tokens, d]);
+            assert_eq!(max_abs_diff(&plain, &split), 0.0);
+            let got = rms_norm_heads(&x, &w, 1e-6, heads, Some((&cos, &sin))).unwrap();
+            assert_eq!(max_abs_diff(&got, &rotated), 0.0);
+        }
+        let x = randn(&[1, 2, 12], 1.0);
+        let w = randn(&[12], 1.0);
+        let err = rms_norm_heads(&x, &w, 1e-6, 5, None).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("12 columns do not split into 5 heads")
+        );
+        let short = randn(&[1, 3], 1.0);
+        let err = rms_norm_heads(&x, &w, 1e-6, 2, Some((&short, &short))).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("do not fit 2 tokens of head dim 6")
+        );
     }
 
     #[test]

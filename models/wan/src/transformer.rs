@@ -11,7 +11,7 @@ use std::path::Path;
 
 use candle_core::{D, DType, Device, Module, Result, Tensor};
 use candle_nn::VarBuilder;
-use kubewan_model_common::activation::{gelu_erf, gelu_tanh, silu};
+use kubewan_model_common::activation::{gelu_erf, gelu_tanh, gelu_tanh_owned, silu};
 use kubewan_model_common::nn::{Linear, Mask, RmsNorm, attention, linear};
 use kubewan_model_common::rows;
 use serde::{Deserialize, Serialize};
@@ -228,21 +228,13 @@ impl WanAttention {
         rope: Option<(&Tensor, &Tensor)>,
     ) -> Result<Tensor> {
         let ctx = context.unwrap_or(x);
-        let q = self.norm_q.forward(&self.to_q.forward(x)?)?;
-        let k = self.norm_k.forward(&self.to_k.forward(ctx)?)?;
-        let v = self.to_v.forward(ctx)?;
-        let mut q = self.heads(&q)?;
-        let mut k = self.heads(&k)?;
-        let v = self.heads(&v)?;
-        if let Some((cos, sin)) = rope {
-            // RoPE in f32 (diffusers applies it in float64 then casts back).
-            let dt = q.dtype();
-            let rot = |x: &Tensor| -> Result<Tensor> {
-                candle_nn::rotary_emb::rope_i(&x.to_dtype(DType::F32)?, cos, sin)?.to_dtype(dt)
-            };
-            q = rot(&q)?;
-            k = rot(&k)?;
-        }
+        let q = self
+            .norm_q
+            .forward_heads(&self.to_q.forward(x)?, self.heads, rope)?;
+        let k = self
+            .norm_k
+            .forward_heads(&self.to_k.forward(ctx)?, self.heads, rope)?;
+        let v = self.heads(&self.to_v.forward(ctx)?)?;
         let mut out = attention(&q, &k, &v, Mask::None, self.scale)?;
         if let (Some(img), Some(akp), Some(avp), Some(nak)) = (
             context_img,
@@ -250,7 +242,7 @@ impl WanAttention {
             &self.add_v_proj,
             &self.norm_added_k,
         ) {
-            let ki = self.heads(&nak.forward(&akp.forward(img)?)?)?;
+            let ki = nak.forward_heads(&akp.forward(img)?, self.heads, None)?;
             let vi = self.heads(&avp.forward(img)?)?;
             // Summed per head, before the one copy that merges the heads.
             out = (out + attention(&q, &ki, &vi, Mask::None, self.scale)?)?;
@@ -277,7 +269,7 @@ impl FeedForward {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let h = self.proj_in.forward(x)?;
         let h = if self.tanh {
-            gelu_tanh(&h)?
+            gelu_tanh_owned(h)?
         } else {
             gelu_erf(&h)?
         };
