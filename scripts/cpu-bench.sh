@@ -17,10 +17,12 @@
 #     /tmp/kubewan-cpu-bench: the 1.3B DiT is 6.3 GB, the mid-size VLM 1.6 GB);
 #   - results also in OUT/bench.json (--out, or $OUT).
 #
-# Usage: scripts/cpu-bench.sh [--quick] [--only GROUPS] [--threads N] [--work DIR] [--out DIR]
+# Usage: scripts/cpu-bench.sh [--quick] [--only GROUPS] [--rounds R] [--threads N] [--work DIR] [--out DIR]
 #   --quick   smaller shapes (fewer DiT/UMT5 layers, a small VAE frame, tiny VLM): minutes
 #   --only    comma-separated: load,dit,vae,attention-780,attention-3120,conv3d,gelu,umt5,vlm-bf16,vlm-f32
 #             (--quick's attention groups: attention-390,attention-780)
+#   --rounds  R alternating rounds per group (kubewan, PyTorch, kubewan, ...), each side keeping
+#             its fastest round (default 1; the run of record uses 3: ~R times as long)
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 venv=${KUBEWAN_BENCH_VENV:-$HOME/.cache/kubewan/bench-venv}
@@ -31,8 +33,8 @@ while [[ $# -gt 0 ]]; do
   case "$1" in
     --quick) args+=(--tiny); work=/tmp/kubewan-cpu-bench-quick; shift ;;
     --work) work="$2"; shift 2 ;;
-    --only|--threads|--out|--budget-s) args+=("$1" "$2"); shift 2 ;;
-    -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
+    --only|--rounds|--threads|--out|--budget-s) args+=("$1" "$2"); shift 2 ;;
+    -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
     *) echo "cpu-bench.sh: unknown argument $1" >&2; exit 2 ;;
   esac
 done

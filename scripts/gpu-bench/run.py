@@ -470,6 +470,21 @@ def print_cpu_checks(results, p):
                 print(f"NOT FINITE: {side} row {row}")
 
 
+def keep_fastest_round(kept, rows):
+    """Merges one round's rows of a group (one process) into the rows kept so
+    far: the whole round replaces the kept one when its timed rows sum to less
+    (rows of one process stay together, so a derived figure such as decode =
+    generate − prefill never mixes rounds); every timed row lists each round's
+    seconds under "round_seconds"."""
+    timed = [row for row, r in rows.items() if "seconds" in r]
+    before = {row: kept[row].get("round_seconds", [kept[row]["seconds"]]) for row in timed
+              if "seconds" in kept.get(row, {})}
+    if not before or sum(rows[row]["seconds"] for row in timed) < sum(kept[row]["seconds"] for row in before):
+        kept.update(rows)
+    for row in timed:
+        kept[row]["round_seconds"] = before.get(row, []) + [rows[row]["seconds"]]
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runner", required=True, help="the kubewan-runner binary (CUDA build on a GPU)")
@@ -482,6 +497,9 @@ def main():
     parser.add_argument("--budget-s", type=float, help="stop starting groups after this (gpu: 540, cpu: 7200)")
     parser.add_argument("--only", help="comma-separated groups (gpu: attention,dit-1.3b,dit-14b,vlm,vae,umt5; "
                                            "cpu: load,dit,vae,attention-N,conv3d,gelu,umt5,vlm-bf16,vlm-f32)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="alternating rounds per group (runner, PyTorch, runner, ...); each side keeps "
+                             "the rows of its fastest round")
     parser.add_argument("--out", default=os.environ.get("OUT"), help="where bench.json goes")
     args = parser.parse_args()
 
@@ -508,22 +526,25 @@ def main():
               if not args.only or g[0] in args.only.split(",")]
     for name, bench_args in chosen:
         prepare(name, args, p, work)
-        for side, cmd in [("runner", [args.runner, "bench", bench_args[0], "--device", args.device, *bench_args[1:]]),
-                          ("reference", [args.python, str(HERE / "reference.py"), bench_args[0],
-                                         "--device", args.device, *bench_args[1:]])]:
-            left = args.budget_s - (time.time() - begin)
-            if left < 10:
-                results["failures"].append(f"{name} ({side}): skipped, the time budget is spent")
-                continue
-            print(f"== {name}: {side} ({left:.0f} s left)", file=sys.stderr, flush=True)
-            run = Side(side, cmd, memory, timeout=left, env=env)
-            results[side].update(run.rows)
-            for row, r in run.rows.items():  # as they come: a long run stopped early keeps them
-                if "seconds" in r:
-                    print(f"  {side} {row}: {fmt_s(r['seconds'])}, peak RSS {fmt_b(r.get('peak_rss'))}",
-                          file=sys.stderr, flush=True)
-            if run.failure():
-                results["failures"].append(f"{name} ({side}): {run.failure()}")
+        for round_ in range(1, args.rounds + 1):
+            for side, cmd in [("runner", [args.runner, "bench", bench_args[0], "--device", args.device,
+                                          *bench_args[1:]]),
+                              ("reference", [args.python, str(HERE / "reference.py"), bench_args[0],
+                                             "--device", args.device, *bench_args[1:]])]:
+                left = args.budget_s - (time.time() - begin)
+                if left < 10:
+                    results["failures"].append(f"{name} ({side}): skipped, the time budget is spent")
+                    continue
+                print(f"== {name}: {side}, round {round_} of {args.rounds} ({left:.0f} s left)",
+                      file=sys.stderr, flush=True)
+                run = Side(side, cmd, memory, timeout=left, env=env)
+                keep_fastest_round(results[side], run.rows)
+                for row, r in run.rows.items():  # as they come: a long run stopped early keeps them
+                    if "seconds" in r:
+                        print(f"  {side} {row}: {fmt_s(r['seconds'])}, peak RSS {fmt_b(r.get('peak_rss'))}",
+                              file=sys.stderr, flush=True)
+                if run.failure():
+                    results["failures"].append(f"{name} ({side}, round {round_}): {run.failure()}")
     results["vram_method"] = sorted(memory.methods)
     print()
     print(f"peak VRAM: {', '.join(sorted(memory.methods)) or 'not measured (no NVML)'}; peak RSS from /proc")
