@@ -221,6 +221,30 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Mask, scale: f64) -> 
     }
 }
 
+/// [`attention`] of `[B, H, L, D]` inputs with the heads merged: `[B, L,
+/// H·D]`, as an output projection reads them. The tiled CPU path writes
+/// that layout directly, and reads keys and values where they lie, so a
+/// transposed `[B, L, H, D]` projection goes in and the merged heads come
+/// out without a copy on either side.
+pub fn attention_merged(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: Mask,
+    scale: f64,
+) -> Result<Tensor> {
+    let (batch, heads, queries, head_dim) = q.dims4()?;
+    if tiled_attention::applies(q, k, v, mask) {
+        tiled_attention::tiled_attention_merged(q, k, v, mask, scale)
+    } else {
+        attention(q, k, v, mask, scale)?.transpose(1, 2)?.reshape((
+            batch,
+            queries,
+            heads * head_dim,
+        ))
+    }
+}
+
 #[cfg(feature = "cuda")]
 fn flash_applies(q: &Tensor, k: &Tensor, v: &Tensor, mask: Mask) -> bool {
     q.device().is_cuda()
@@ -307,7 +331,8 @@ fn attention_in_chunks(
     }
     let seq_axis = rank - 2;
     let k = repeat_kv_heads(k, q)?;
-    let v = repeat_kv_heads(v, q)?;
+    // (candle's matmul takes no value heads that are a transposed view)
+    let v = repeat_kv_heads(v, q)?.contiguous()?;
     let queries = q.dim(seq_axis)?;
     let keys = k.dim(seq_axis)?;
     let batch: usize = q.dims()[..seq_axis].iter().product();
@@ -483,6 +508,24 @@ mod tests {
         assert!(max_abs_diff(&grouped, &full) < 1e-6);
         let bad = randn((1, 4, 7, 8));
         assert!(attention(&q, &bad, &bad, Mask::None, 0.5).is_err());
+    }
+
+    #[test]
+    fn merged_heads_are_the_same_on_the_tiled_and_chunked_paths() {
+        // Value heads as the DiT passes them: a [B, L, H, D] projection
+        // viewed as [B, H, L, D]. No mask runs the tiled path (merged as it
+        // writes), an all-zero additive one the chunked path (merged after).
+        let q = randn((2, 3, 37, 8));
+        let k = randn((2, 3, 23, 8));
+        let v = randn((2, 23, 3, 8)).transpose(1, 2).unwrap();
+        let zeros = Tensor::zeros((37, 23), DType::F32, &Device::Cpu).unwrap();
+        let tiled = attention_merged(&q, &k, &v, Mask::None, 0.3).unwrap();
+        let chunked = attention_merged(&q, &k, &v, Mask::Additive(&zeros), 0.3).unwrap();
+        assert_eq!(tiled.dims(), [2, 37, 24]);
+        assert!(max_abs_diff(&tiled, &chunked) < 1e-5);
+        // rank 3 has no heads to merge
+        let first = |t: &Tensor| t.get(0).unwrap();
+        assert!(attention_merged(&first(&q), &first(&k), &first(&v), Mask::None, 0.3).is_err());
     }
 
     #[test]

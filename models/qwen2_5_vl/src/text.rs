@@ -5,7 +5,7 @@
 use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::{Embedding, VarBuilder};
 use kubewan_model_common::activation::swiglu;
-use kubewan_model_common::nn::{Linear, Mask, RmsNorm, attention, linear, linear_no_bias};
+use kubewan_model_common::nn::{Linear, Mask, RmsNorm, attention_merged, linear, linear_no_bias};
 
 use crate::config::TextConfig;
 use crate::nn::{apply_rotary, inv_freq};
@@ -83,11 +83,8 @@ impl Attention {
         self.cache = Some((k.clone(), v.clone()));
         // Grouped-query attention: the shared attention repeats the k/v heads itself.
         let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let o = attention(&q, &k, &v, mask, scale)?;
-        let o = o
-            .transpose(1, 2)?
-            .reshape((b, l, self.heads * self.head_dim))?;
-        self.o_proj.forward(&o)
+        self.o_proj
+            .forward(&attention_merged(&q, &k, &v, mask, scale)?)
     }
 }
 

@@ -17,7 +17,7 @@ use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{LayerNorm, VarBuilder};
 use image::RgbImage;
 use kubewan_model_common::activation::{gelu_erf, gelu_tanh};
-use kubewan_model_common::nn::{Linear, Mask, attention, linear};
+use kubewan_model_common::nn::{Linear, Mask, attention_merged, linear};
 use serde::Deserialize;
 
 pub use kubewan_model_common::pil::{PilFilter, pil_resize};
@@ -250,17 +250,14 @@ impl ClipVision {
 
     fn attention(&self, a: &Attention, x: &Tensor) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
+        // [B, T, H·d] -> a [B, H, T, d] view: attention reads it in place.
         let split = |y: Tensor| -> Result<Tensor> {
-            Ok(y.reshape((b, t, a.heads, a.head_dim))?
-                .transpose(1, 2)?
-                .contiguous()?)
+            Ok(y.reshape((b, t, a.heads, a.head_dim))?.transpose(1, 2)?)
         };
         let q = split(a.q.forward(x)?)?;
         let k = split(a.k.forward(x)?)?;
         let v = split(a.v.forward(x)?)?;
-        let out = attention(&q, &k, &v, Mask::None, (a.head_dim as f64).powf(-0.5))?
-            .transpose(1, 2)?
-            .reshape((b, t, a.heads * a.head_dim))?;
+        let out = attention_merged(&q, &k, &v, Mask::None, (a.head_dim as f64).powf(-0.5))?;
         Ok(a.out.forward(&out)?)
     }
 }

@@ -12,7 +12,7 @@ use std::path::Path;
 use candle_core::{D, DType, Device, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 use kubewan_model_common::activation::{gelu_erf, gelu_tanh, gelu_tanh_owned, silu};
-use kubewan_model_common::nn::{Linear, Mask, RmsNorm, attention, linear};
+use kubewan_model_common::nn::{Linear, Mask, RmsNorm, attention_merged, linear};
 use kubewan_model_common::rows;
 use serde::{Deserialize, Serialize};
 
@@ -206,17 +206,11 @@ impl WanAttention {
         })
     }
 
-    /// `[B, N, H*d]` -> `[B, H, N, d]` contiguous.
+    /// `[B, N, H*d]` -> a `[B, H, N, d]` view (attention reads it in place).
     fn heads(&self, x: &Tensor) -> Result<Tensor> {
         let (b, n, c) = x.dims3()?;
         x.reshape((b, n, self.heads, c / self.heads))?
-            .transpose(1, 2)?
-            .contiguous()
-    }
-
-    fn merge(&self, x: &Tensor) -> Result<Tensor> {
-        let (b, h, n, d) = x.dims4()?;
-        x.transpose(1, 2)?.reshape((b, n, h * d))
+            .transpose(1, 2)
     }
 
     /// Self-attention when `context` is None (with RoPE), cross-attention otherwise.
@@ -235,7 +229,7 @@ impl WanAttention {
             .norm_k
             .forward_heads(&self.to_k.forward(ctx)?, self.heads, rope)?;
         let v = self.heads(&self.to_v.forward(ctx)?)?;
-        let mut out = attention(&q, &k, &v, Mask::None, self.scale)?;
+        let mut out = attention_merged(&q, &k, &v, Mask::None, self.scale)?;
         if let (Some(img), Some(akp), Some(avp), Some(nak)) = (
             context_img,
             &self.add_k_proj,
@@ -244,10 +238,9 @@ impl WanAttention {
         ) {
             let ki = nak.forward_heads(&akp.forward(img)?, self.heads, None)?;
             let vi = self.heads(&avp.forward(img)?)?;
-            // Summed per head, before the one copy that merges the heads.
-            out = (out + attention(&q, &ki, &vi, Mask::None, self.scale)?)?;
+            out = (out + attention_merged(&q, &ki, &vi, Mask::None, self.scale)?)?;
         }
-        self.to_out.forward(&self.merge(&out)?)
+        self.to_out.forward(&out)
     }
 }
 

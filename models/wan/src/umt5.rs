@@ -11,7 +11,7 @@ use std::path::Path;
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::VarBuilder;
 use kubewan_model_common::activation::{gelu_erf, gelu_tanh};
-use kubewan_model_common::nn::{Linear, Mask, RmsNorm, attention, linear_no_bias};
+use kubewan_model_common::nn::{Linear, Mask, RmsNorm, attention_merged, linear_no_bias};
 use serde::Deserialize;
 
 use crate::{Error, Result, checkpoint};
@@ -141,9 +141,7 @@ impl SelfAttention {
             Some(mask) => bias.broadcast_add(mask)?,
             None => bias,
         };
-        let out = attention(&q, &k, &v, Mask::Additive(&bias), 1.0)?
-            .transpose(1, 2)?
-            .reshape((b, s, self.heads * self.d_kv))?;
+        let out = attention_merged(&q, &k, &v, Mask::Additive(&bias), 1.0)?;
         Ok(self.o.forward(&out)?)
     }
 }
