@@ -6,7 +6,7 @@
 use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
-use crate::tiled_attention;
+use crate::tiled_attention::{self, Output, tiled_attention};
 use crate::{bias_gemm, rows, small_batch};
 
 /// A linear layer as transformers and diffusers save it (`weight` `[out, in]`,
@@ -215,7 +215,7 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Mask, scale: f64) -> 
     if flash_applies(q, k, v, mask) {
         flash_attention(q, k, v, mask, scale)
     } else if tiled_attention::applies(q, k, v, mask) {
-        tiled_attention::tiled_attention(q, k, v, mask, scale)
+        tiled_attention(Output::HeadMajor, q, k, v, mask, scale)?.reshape(q.shape())
     } else {
         chunked_attention(q, k, v, mask, scale)
     }
@@ -234,15 +234,12 @@ pub fn attention_merged(
     scale: f64,
 ) -> Result<Tensor> {
     let (batch, heads, queries, head_dim) = q.dims4()?;
-    if tiled_attention::applies(q, k, v, mask) {
-        tiled_attention::tiled_attention_merged(q, k, v, mask, scale)
+    let merged = if tiled_attention::applies(q, k, v, mask) {
+        tiled_attention(Output::TokenMajor, q, k, v, mask, scale)?
     } else {
-        attention(q, k, v, mask, scale)?.transpose(1, 2)?.reshape((
-            batch,
-            queries,
-            heads * head_dim,
-        ))
-    }
+        attention(q, k, v, mask, scale)?.transpose(1, 2)?
+    };
+    merged.reshape((batch, queries, heads * head_dim))
 }
 
 #[cfg(feature = "cuda")]

@@ -123,44 +123,20 @@ fn workers() -> usize {
     candle_core::utils::get_num_threads()
 }
 
-/// `softmax(q·kᵀ·scale + mask)·v` for inputs [`applies`] accepts; the result
-/// is contiguous, shaped and typed like `q`.
-pub(crate) fn tiled_attention(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    mask: Mask,
-    scale: f64,
-) -> Result<Tensor> {
-    attend_in(Output::HeadMajor, q, k, v, mask, scale)?.reshape(q.shape())
-}
-
-/// [`tiled_attention`] of rank-4 `[B, H, L, D]` inputs with the heads
-/// merged: `[B, L, H·D]`, the layout an output projection reads, written
-/// as such (no copy that merges the heads afterwards).
-pub(crate) fn tiled_attention_merged(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    mask: Mask,
-    scale: f64,
-) -> Result<Tensor> {
-    let (batch, heads, queries, head_dim) = q.dims4()?;
-    attend_in(Output::TokenMajor, q, k, v, mask, scale)?.reshape((batch, queries, heads * head_dim))
-}
-
 /// How the output's rows lie: `[rows, L, D]` (rows = batch × heads, as the
-/// queries), or `[B, L, H, D]`.
+/// queries), or `[B, L, H, D]` (the heads merged, as an output projection
+/// reads them).
 #[derive(Debug, Clone, Copy)]
-enum Output {
+pub(crate) enum Output {
     HeadMajor,
     TokenMajor,
 }
 
-/// The attention's output elements in `layout`. The inputs are read where
-/// they lie, any strides but the head dim's (a transposed `[B, L, H, D]`
-/// projection needs no copy into `[B, H, L, D]` first).
-fn attend_in(
+/// The elements of `softmax(q·kᵀ·scale + mask)·v` for inputs [`applies`]
+/// accepts, in `layout`, typed like `q` (the caller shapes them). The inputs
+/// are read where they lie, any strides but the head dim's (a transposed
+/// `[B, L, H, D]` projection needs no copy into `[B, H, L, D]` first).
+pub(crate) fn tiled_attention(
     layout: Output,
     q: &Tensor,
     k: &Tensor,
@@ -1179,6 +1155,12 @@ mod tests {
             .unwrap()
     }
 
+    /// The tiled attention shaped like `q`.
+    fn head_major(q: &Tensor, k: &Tensor, v: &Tensor, mask: Mask) -> Tensor {
+        let out = tiled_attention(Output::HeadMajor, q, k, v, mask, 0.3).unwrap();
+        out.reshape(q.shape()).unwrap()
+    }
+
     /// max |tiled − chunked| / max |chunked|. Both compute in f32 and differ
     /// only in summation order (gemm's blocking over D and over the key tiles,
     /// the running rescale) and in exp's last bits: a few ulp of the largest
@@ -1187,7 +1169,7 @@ mod tests {
     /// outputs by O(1/keys) of their size, ≥ 1e-3 here).
     fn relative_gap(q: &Tensor, k: &Tensor, v: &Tensor, mask: Mask) -> f32 {
         assert!(applies(q, k, v, mask));
-        let tiled = tiled_attention(q, k, v, mask, 0.3).unwrap();
+        let tiled = head_major(q, k, v, mask);
         let chunked = chunked_attention(q, k, v, mask, 0.3).unwrap();
         assert_eq!(tiled.dims(), chunked.dims());
         assert_eq!(tiled.dtype(), q.dtype());
@@ -1263,8 +1245,9 @@ mod tests {
             };
             let (q, k, v) = (view(70, 6), view(90, 2), view(90, 2));
             for mask in [Mask::None, Mask::Causal] {
-                let merged = tiled_attention_merged(&q, &k, &v, mask, 0.3).unwrap();
-                let heads = tiled_attention(&q, &k, &v, mask, 0.3).unwrap();
+                let merged = tiled_attention(Output::TokenMajor, &q, &k, &v, mask, 0.3).unwrap();
+                let merged = merged.reshape((2, 70, 96)).unwrap();
+                let heads = head_major(&q, &k, &v, mask);
                 let want = heads.transpose(1, 2).unwrap().reshape((2, 70, 96)).unwrap();
                 assert_eq!(merged.dims(), want.dims());
                 let flat = |t: &Tensor| {
