@@ -835,9 +835,20 @@ fn vlm(args: &VlmArgs) -> Result<()> {
         Ok(((), json!({})))
     })?;
     let generated = timed(&format!("{row}-generate"), &device, || {
-        let out = model.generate(&request)?;
+        // The decoding steps on their own: from the first token (the prefill's) to the
+        // last, as reference.py's streamer times PyTorch's; a separately timed prefill
+        // subtracted from the whole call would carry that run's noise into the rate.
+        let mut first_and_last: Option<(Instant, Instant)> = None;
+        let out = model.generate_streaming(&request, |_| {
+            let now = Instant::now();
+            first_and_last = Some(first_and_last.map_or((now, now), |(first, _)| (first, now)));
+        })?;
+        let decode_seconds = first_and_last.map(|(first, last)| (last - first).as_secs_f64());
         let new_tokens = out.token_ids.len();
-        Ok((out, json!({"new_tokens": new_tokens})))
+        Ok((
+            out,
+            json!({"new_tokens": new_tokens, "decode_seconds": decode_seconds}),
+        ))
     })?;
     let release = probe.release(
         "vlm_release",

@@ -329,7 +329,7 @@ def vlm(args, device):
 
     # The prefill is what generate() runs before its first token: logits of the
     # last position only (as the runner's), not the whole prompt's (151 936 per
-    # position), or generate - prefill would undercount the decoding.
+    # position), which generate() never computes.
     def prefill():
         return model(**inputs(), logits_to_keep=1).logits
 
@@ -361,10 +361,29 @@ def load_processor(path):
                                    tokenizer=AutoTokenizer.from_pretrained(path), chat_template=template)
 
 
+class TokenClock:
+    """A generate() streamer that notes when each put() comes: the prompt's first
+    (before the prefill), then each token as it is chosen (on the host: .cpu() has
+    synchronised a GPU)."""
+
+    def __init__(self):
+        self.times = []
+
+    def put(self, _tokens):
+        self.times.append(time.perf_counter())
+
+    def end(self):
+        pass
+
+
 def generate(model, inputs, max_new_tokens):
     prompt = inputs["input_ids"].shape[1]
-    out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-    return out, {"new_tokens": int(out.shape[1] - prompt)}
+    clock = TokenClock()
+    out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, streamer=clock)
+    # The decoding steps on their own, from the first token to the last (as the runner's row).
+    token_times = clock.times[1:]
+    decode_seconds = token_times[-1] - token_times[0] if token_times else None
+    return out, {"new_tokens": int(out.shape[1] - prompt), "decode_seconds": decode_seconds}
 
 
 def main():

@@ -387,10 +387,11 @@ def table_rows(p):
 
 
 def derive_decode(rows, vlm):
-    """Decode seconds per token from the generate and prefill rows."""
-    gen, pre = rows.get(f"{vlm}-generate"), rows.get(f"{vlm}-prefill")
-    if gen and pre and "seconds" in gen and "seconds" in pre and gen.get("new_tokens", 0) > 1:
-        per_token = (gen["seconds"] - pre["seconds"]) / (gen["new_tokens"] - 1)
+    """Decode seconds per token: the generate row's decoding steps (first token to
+    last, timed inside the one call) over the tokens after the first."""
+    gen = rows.get(f"{vlm}-generate")
+    if gen and gen.get("decode_seconds") is not None and gen.get("new_tokens", 0) > 1:
+        per_token = gen["decode_seconds"] / (gen["new_tokens"] - 1)
         rows[f"{vlm}-decode"] = {"seconds": per_token, "tokens_per_s": 1 / per_token if per_token > 0 else None,
                                  "peak_vram": gen.get("peak_vram"), "peak_rss": gen.get("peak_rss")}
 
@@ -464,7 +465,11 @@ def print_cpu_checks(results, p):
         for dtype in ("bf16", "f32"):
             decode = rows.get(f"vlm-{p['vlm_shape']}-{dtype}-decode", {})
             if decode.get("tokens_per_s"):
-                print(f"{side} Qwen2.5-VL {p['vlm_shape']} {dtype} decode: {decode['tokens_per_s']:.2f} tokens/s")
+                generate = rows[f"vlm-{p['vlm_shape']}-{dtype}-generate"]
+                rounds = ", ".join(f"{(generate['new_tokens'] - 1) / s:.2f}"
+                                   for s in generate.get("round_decode_seconds", []))
+                print(f"{side} Qwen2.5-VL {p['vlm_shape']} {dtype} decode: {decode['tokens_per_s']:.2f} tokens/s"
+                      f" (each round: {rounds})")
         for row, r in sorted(rows.items()):
             if r.get("finite") is False:
                 print(f"NOT FINITE: {side} row {row}")
@@ -473,16 +478,20 @@ def print_cpu_checks(results, p):
 def keep_fastest_round(kept, rows):
     """Merges one round's rows of a group (one process) into the rows kept so
     far: the whole round replaces the kept one when its timed rows sum to less
-    (rows of one process stay together, so a derived figure such as decode =
-    generate − prefill never mixes rounds); every timed row lists each round's
-    seconds under "round_seconds"."""
+    (rows of one process stay together: a round's load, prefill and decode are
+    one process's); every timed row lists each round's seconds under
+    "round_seconds" (and a generate row each round's decoding seconds under
+    "round_decode_seconds")."""
     timed = [row for row, r in rows.items() if "seconds" in r]
     before = {row: kept[row].get("round_seconds", [kept[row]["seconds"]]) for row in timed
               if "seconds" in kept.get(row, {})}
+    earlier_decodes = {row: kept[row].get("round_decode_seconds", []) for row in timed if row in kept}
     if not before or sum(rows[row]["seconds"] for row in timed) < sum(kept[row]["seconds"] for row in before):
         kept.update(rows)
     for row in timed:
         kept[row]["round_seconds"] = before.get(row, []) + [rows[row]["seconds"]]
+        if rows[row].get("decode_seconds") is not None:
+            kept[row]["round_decode_seconds"] = earlier_decodes.get(row, []) + [rows[row]["decode_seconds"]]
 
 
 def main():

@@ -9,7 +9,7 @@
 //! the kernel is bound by memory bandwidth once it issues few enough
 //! instructions per weight: where the CPU has AVX512-BF16, `vdpbf16ps`
 //! multiplies 32 bf16 pairs exactly into f32 sums per instruction, `x` kept
-//! bf16 and four weight rows sharing each load of `x`; elsewhere the weights
+//! bf16 and each thread's weights read as one stream; elsewhere the weights
 //! and `x` are widened to f32 (a shift into the high half: exact) for f32
 //! FMAs. f32 weights take the widening kernel as they are (and the sums stay
 //! f32). Larger batches, other dtypes and devices keep candle's matmul.
@@ -98,6 +98,10 @@ impl CustomOp2 for SmallBatchMatmul {
 
 /// The feature-major sums (`[out, rows]`) as `[rows, out]` values.
 fn row_major<T>(sums: &[f32], rows: usize, value: impl Fn(f32) -> T) -> Vec<T> {
+    if rows == 1 {
+        // Decoding's one row: the sums are in order already.
+        return sums.iter().map(|&v| value(v)).collect();
+    }
     (0..rows)
         .flat_map(|row| sums.iter().skip(row).step_by(rows).map(|&v| value(v)))
         .collect()
@@ -231,8 +235,8 @@ fn dot<W: Weight>(w: &[W], x: &[f32]) -> f32 {
 #[cfg(target_arch = "x86_64")]
 mod bf16_pairs {
     use std::arch::x86_64::{
-        __m512, __m512bh, _MM_HINT_T1, _mm_prefetch, _mm512_dpbf16_ps, _mm512_maskz_loadu_epi16,
-        _mm512_reduce_add_ps, _mm512_setzero_ps,
+        __m512bh, _MM_HINT_T0, _mm_prefetch, _mm512_add_ps, _mm512_dpbf16_ps, _mm512_loadu_si512,
+        _mm512_maskz_loadu_epi16, _mm512_reduce_add_ps, _mm512_setzero_ps,
     };
 
     use half::bf16;
@@ -240,9 +244,11 @@ mod bf16_pairs {
     /// bf16 lanes of a 512-bit vector.
     const LANES: usize = 32;
 
-    /// Weight rows per pass over `x`: each vector of `x` is loaded once for
-    /// this many rows, and their accumulators cover `vdpbf16ps`'s latency.
-    const TILE: usize = 4;
+    /// How far ahead of the weights being read [`dot`] asks for them (8 KiB):
+    /// past the 4 KiB page the hardware prefetcher stops at, near enough to
+    /// arrive in time (on an AMD EPYC, 4–16 KiB measured alike and no
+    /// prefetch 15–25 % slower: docs/benchmarks.md).
+    const PREFETCH_AHEAD: usize = 4096;
 
     pub(super) fn available() -> bool {
         std::arch::is_x86_feature_detected!("avx512bf16")
@@ -250,70 +256,59 @@ mod bf16_pairs {
     }
 
     /// The dot products of the weight rows `weight` (`in_features` each)
-    /// against each row of `x`, into `sums` (`[weight rows, x rows]`).
+    /// against each row of `x`, into `sums` (`[weight rows, x rows]`). Weight
+    /// rows are taken one after the other, so that each thread reads its block
+    /// of weights as one sequential stream (a row stays in L1 for the other
+    /// rows of `x`): interleaving several rows to share each load of `x` was
+    /// 20–30 % slower on an AMD EPYC, where decoding is bound by memory.
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
     pub(super) fn products(weight: &[bf16], x: &[bf16], in_features: usize, sums: &mut [f32]) {
         let rows = x.len() / in_features;
-        let tiles = weight
-            .chunks(TILE * in_features)
-            .zip(sums.chunks_mut(TILE * rows));
-        for (weight, sums) in tiles {
-            if sums.len() == TILE * rows {
-                tile::<TILE>(weight, x, sums);
-            } else {
-                for (weight, sums) in weight.chunks(in_features).zip(sums.chunks_mut(rows)) {
-                    tile::<1>(weight, x, sums);
-                }
+        for (weight, sums) in weight.chunks(in_features).zip(sums.chunks_mut(rows)) {
+            for (x, sum) in x.chunks_exact(in_features).zip(sums) {
+                *sum = dot(weight, x);
             }
         }
     }
 
-    /// The products of `N` weight rows against every row of `x`, into
-    /// `sums` (`[N, x rows]`).
+    /// `Σ w·x` over two accumulators (each `vdpbf16ps` waits on its own
+    /// accumulator's last one).
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-    fn tile<const N: usize>(weight: &[bf16], x: &[bf16], sums: &mut [f32]) {
-        let in_features = weight.len() / N;
-        let rows = sums.len() / N;
-        let weight: [&[bf16]; N] =
-            std::array::from_fn(|n| &weight[n * in_features..(n + 1) * in_features]);
-        for (row, x) in x.chunks_exact(in_features).enumerate() {
-            for (n, sum) in dots(weight, x).into_iter().enumerate() {
-                sums[n * rows + row] = sum;
-            }
-        }
-    }
-
-    /// `Σ w·x` for each of the `N` rows `w` (as long as `x`).
-    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-    fn dots<const N: usize>(w: [&[bf16]; N], x: &[bf16]) -> [f32; N] {
-        let mut acc: [__m512; N] = [_mm512_setzero_ps(); N];
+    fn dot(w: &[bf16], x: &[bf16]) -> f32 {
+        let (w_vectors, w_tail) = w.as_chunks::<LANES>();
         let (x_vectors, x_tail) = x.as_chunks::<LANES>();
-        let w: [(&[[bf16; LANES]], &[bf16]); N] = w.map(|w| w.as_chunks::<LANES>());
-        // The next tile's rows follow these: `N` rows further on.
-        let next_tile = N * x.len();
-        for (i, x) in x_vectors.iter().enumerate() {
-            let x = load(x);
-            for (acc, (w, _)) in acc.iter_mut().zip(&w) {
-                prefetch(w[i].as_ptr().wrapping_add(next_tile));
-                *acc = _mm512_dpbf16_ps(*acc, load(&w[i]), x);
-            }
+        let (w_pairs, w_last) = w_vectors.as_chunks::<2>();
+        let (x_pairs, x_last) = x_vectors.as_chunks::<2>();
+        let (mut even, mut odd) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+        for (w, x) in w_pairs.iter().zip(x_pairs) {
+            prefetch(w[0].as_ptr().wrapping_add(PREFETCH_AHEAD));
+            prefetch(w[1].as_ptr().wrapping_add(PREFETCH_AHEAD));
+            even = _mm512_dpbf16_ps(even, load_vector(&w[0]), load_vector(&x[0]));
+            odd = _mm512_dpbf16_ps(odd, load_vector(&w[1]), load_vector(&x[1]));
+        }
+        for (w, x) in w_last.iter().zip(x_last) {
+            even = _mm512_dpbf16_ps(even, load_vector(w), load_vector(x));
         }
         if !x_tail.is_empty() {
-            let x = load(x_tail);
-            for (acc, (_, w_tail)) in acc.iter_mut().zip(&w) {
-                *acc = _mm512_dpbf16_ps(*acc, load(w_tail), x);
-            }
+            odd = _mm512_dpbf16_ps(odd, load(w_tail), load(x_tail));
         }
-        acc.map(|acc| _mm512_reduce_add_ps(acc))
+        _mm512_reduce_add_ps(_mm512_add_ps(even, odd))
     }
 
-    /// Asks for the cache line at `at` in L2 ahead of its use: [`dots`] asks
-    /// for the same place in the next tile's rows, which crosses the 4 KiB
-    /// pages (a row of 2048 weights) the hardware prefetcher stops at. A
-    /// prefetch past the weights' end is dropped without a fault.
+    /// Asks for the cache line at `at` in L1 ahead of its use. A prefetch past
+    /// the weights' end is dropped without a fault.
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
     fn prefetch(at: *const bf16) {
-        _mm_prefetch::<_MM_HINT_T1>(at.cast());
+        _mm_prefetch::<_MM_HINT_T0>(at.cast());
+    }
+
+    /// [`LANES`] values in a vector (a plain load: [`load`]'s mask costs
+    /// bandwidth in the loop over whole vectors).
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    fn load_vector(values: &[bf16; LANES]) -> __m512bh {
+        // SAFETY: 64 bytes read from a 64-byte array; the 512 loaded bits are 32
+        // bf16 lanes, which is what `__m512bh` holds.
+        unsafe { std::mem::transmute(_mm512_loadu_si512(values.as_ptr().cast())) }
     }
 
     /// Up to [`LANES`] values in a vector, the lanes past them zero.

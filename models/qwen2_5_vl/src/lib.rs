@@ -320,12 +320,23 @@ impl Qwen25Vl {
     }
 
     pub fn generate(&mut self, request: &GenerateRequest) -> Result<GenerateOutput, Error> {
+        self.generate_streaming(request, |_| {})
+    }
+
+    /// [`Self::generate`], handing each token to `on_token` as soon as it is chosen
+    /// (as transformers' streamers get them): a caller can show the text as it comes,
+    /// or time the prefill (until the first token) apart from the decoding steps.
+    pub fn generate_streaming(
+        &mut self,
+        request: &GenerateRequest,
+        on_token: impl FnMut(u32),
+    ) -> Result<GenerateOutput, Error> {
         let prepared = self.prepare(request)?;
         let grids: Vec<_> = prepared.images.iter().map(|im| im.grid).collect();
         let (pos, delta) = self.rope_index(&prepared.token_ids, &grids)?;
         let embeds = self.embed_prompt(&prepared)?;
         self.text.clear_cache();
-        let result = self.decode_loop(&prepared, embeds, pos, delta, request);
+        let result = self.decode_loop(&prepared, embeds, pos, delta, request, on_token);
         self.text.clear_cache();
         result
     }
@@ -337,6 +348,7 @@ impl Qwen25Vl {
         pos: [Vec<i64>; 3],
         delta: i64,
         request: &GenerateRequest,
+        mut on_token: impl FnMut(u32),
     ) -> Result<GenerateOutput, Error> {
         let mut rng = match request.sampling {
             Sampling::Sample { seed, .. } => Some(rand::rngs::StdRng::seed_from_u64(seed)),
@@ -356,6 +368,7 @@ impl Qwen25Vl {
                 _ => argmax(&logits),
             };
             out.push(next);
+            on_token(next);
             if self.config.eos_token_ids.contains(&next) || step + 1 == request.max_new_tokens {
                 break;
             }

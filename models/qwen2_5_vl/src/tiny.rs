@@ -518,6 +518,10 @@ mod tests {
         let a = m.generate(&req).unwrap();
         let b = m.generate(&req).unwrap();
         assert_eq!(a, b, "same seed, same output");
+        let mut streamed = Vec::new();
+        let c = m.generate_streaming(&req, |t| streamed.push(t)).unwrap();
+        assert_eq!(c, a, "streaming changes nothing in the output");
+        assert_eq!(streamed, a.token_ids, "each token streamed once, in order");
         assert!(!a.token_ids.is_empty() && a.token_ids.len() <= 6);
         assert_eq!(a.top_logits.len(), 5);
         assert!(a.top_logits.iter().all(|(_, l)| l.is_finite()));
