@@ -268,9 +268,12 @@ do_down() {
 # ------------------------------------------------------------ helpers
 # Ports are drawn below the kernel's ephemeral range (outgoing connections
 # take ports from there, and a listener cannot bind one in use), and must not
-# be used by any socket, listening or not.
+# be used by any socket, listening or not. `free_port NAME` sets the variable
+# NAME: it must run in this shell, not in a $(...) subshell, or the ports it
+# has drawn are forgotten and two components can draw the same one (the API
+# server and the controller manager once did, in CI).
 used_ports=()
-free_port() {
+free_port() { # variable
   local port tries=0 lo hi
   read -r lo hi </proc/sys/net/ipv4/ip_local_port_range || lo=32768
   local top=$((lo > 12000 ? lo : 32768))
@@ -279,7 +282,7 @@ free_port() {
     [[ " ${used_ports[*]:-} " == *" $port "* ]] && continue
     if ! ss -Htan "sport = :$port" 2>/dev/null | grep . >/dev/null; then
       used_ports+=("$port")
-      echo "$port"
+      printf -v "$1" '%s' "$port"
       return
     fi
   done
@@ -464,13 +467,13 @@ do_up() {
 
   node_identity
   pick_pod_subnet
-  ETCD_PORT=$(free_port)
-  ETCD_PEER_PORT=$(free_port)
-  API_PORT=$(free_port)
-  CM_PORT=$(free_port)
-  SCHED_PORT=$(free_port)
-  KUBELET_PORT=$(free_port)
-  KUBELET_HEALTHZ_PORT=$(free_port)
+  free_port ETCD_PORT
+  free_port ETCD_PEER_PORT
+  free_port API_PORT
+  free_port CM_PORT
+  free_port SCHED_PORT
+  free_port KUBELET_PORT
+  free_port KUBELET_HEALTHZ_PORT
   # What `down` needs to undo, even after a partial `up`.
   cat >"$STATE/node.env" <<EOF
 BRIDGE=$BRIDGE
